@@ -1,0 +1,85 @@
+"""The `tf-bus` command: every subcommand's --help, clear errors without tracebacks, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tf_bus.cli import build_parser, main
+
+SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda"]
+
+
+def _run(*args, cwd=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "tf_bus.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_explains_every_flag(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[sub]
+    for action in subparser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{sub} {action.option_strings} has no help"
+            assert action.option_strings[0] in text
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name("tf-bus")
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("tf-bus ")
+
+
+ERRORS = [
+    (["prepare", "{missing}", "{tmp}/out"], "no such directory"),
+    (["check", "{tmp}"], "not a BUSI release"),
+    (["synth", "{tmp}/s", "--n", "3"], "at least 9"),
+    (["prepare", "{release}", "{tmp}/o", "--split", "0.5,0.5,0.5"], "must add up to 1"),
+    (["prepare", "{release}", "{tmp}/o", "--near-threshold", "1.5"], "near_threshold"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ERRORS)
+def test_errors_are_one_line_messages(argv, message, synthetic_release, tmp_path):
+    argv = [a.format(missing=tmp_path / "nope", tmp=tmp_path, release=synthetic_release) for a in argv]
+    r = _run(*argv)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_and_prepare_with_skip_bad(synthetic_release, tmp_path):
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    shutil.copytree(synthetic_release, root)
+    (root / "benign" / "stray.txt").write_text("x")
+    r = _run("check", str(root))
+    assert r.returncode == 2 and "stray.txt" in r.stderr and "--skip-bad" in r.stderr
+    r = _run("check", str(root), "--skip-bad", "--json", str(tmp_path / "report.json"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["problems"][0]["kind"] == "not_an_image"
+    assert ["benign/benign (1)", "benign/benign (2)"] in report["groups"]
+    r = _run("prepare", str(root), str(tmp_path / "out"), "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["problems"][0]["path"].endswith("stray.txt")
+
+
+@pytest.mark.slow
+def test_demo_on_synthetic_data(tmp_path):
+    r = _run("demo", "--out", str(tmp_path / "demo"), "--n", "30")
+    assert r.returncode == 0, r.stderr
+    for line in ("prepare", "EDA", "classification layout", "segmentation layout", "raw release"):
+        assert line in r.stdout
+    assert (tmp_path / "demo" / "batch_preview.png").stat().st_size > 5000
+    assert (tmp_path / "demo" / "prepared" / "eda" / "eda.json").is_file()

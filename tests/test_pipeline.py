@@ -1,0 +1,158 @@
+"""tf.data loaders over the three layouts: shapes, ranges, pairing, augmentation, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_bus.config import AugmentConfig, ConfigError, LoaderConfig
+from tf_bus.data.busi import TfBusError
+from tf_bus.data.pipeline import (
+    augment_pair,
+    class_weights,
+    classification_dataset,
+    detect_layout,
+    segmentation_dataset,
+)
+
+SMALL = dict(image_size=(48, 40), batch_size=4)
+
+
+def _collect(ds):
+    out = [list(map(np.asarray, b)) for b in ds]
+    return [np.concatenate([b[k] for b in out]) for k in range(len(out[0]))]
+
+
+CLS_SOURCES = ["prepared", "classification", "release"]
+
+
+@pytest.mark.parametrize("source", CLS_SOURCES)
+@pytest.mark.parametrize("channels,scale", [(3, "unit"), (1, "raw")])
+def test_classification_loader(source, channels, scale, prepared, synthetic_release):
+    data = {"prepared": prepared, "classification": prepared / "classification", "release": synthetic_release}[source]
+    cfg = LoaderConfig(channels=channels, scale=scale, **SMALL)
+    x, y, names = _collect(classification_dataset(data, "validation", cfg, include_names=True,
+                                                  splits_file=prepared / "splits.json"))
+    assert x.shape[1:] == (48, 40, channels) and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= (1.0 if scale == "unit" else 255.0) and x.max() > (0.5 if scale == "unit" else 100)
+    assert y.dtype == np.int32 and set(y) <= {0, 1, 2}
+    for label, name in zip(y, names):
+        assert name.decode().startswith(("benign", "malignant", "normal")[label])
+
+
+def test_release_and_layout_give_the_same_split(prepared, synthetic_release):
+    cfg = LoaderConfig(**SMALL, shuffle=False)
+    for split in ("train", "validation", "test"):
+        _, _, a = _collect(segmentation_dataset(prepared, split, cfg, include_names=True, training=False))
+        _, _, b = _collect(segmentation_dataset(synthetic_release, split, cfg, include_names=True, training=False))
+        assert sorted(a) == sorted(b), split
+
+
+SEG_SOURCES = ["prepared", "segmentation", "release"]
+
+
+@pytest.mark.parametrize("source", SEG_SOURCES)
+def test_segmentation_loader_masks_match_the_layout(source, prepared, synthetic_release):
+    data = {"prepared": prepared, "segmentation": prepared / "segmentation", "release": synthetic_release}[source]
+    cfg = LoaderConfig(**SMALL)
+    x, m, names = _collect(segmentation_dataset(data, "test", cfg, include_names=True, training=False))
+    ref_x, ref_m, ref_names = _collect(segmentation_dataset(prepared / "segmentation", "test", cfg,
+                                                            include_names=True, training=False))
+    order = np.argsort(names)
+    ref = np.argsort(ref_names)
+    np.testing.assert_array_equal(names[order], ref_names[ref])
+    assert m.shape[1:] == (48, 40, 1) and set(np.unique(m)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(m[order], ref_m[ref])
+    np.testing.assert_allclose(x[order], ref_x[ref], atol=1e-6)
+    lesion = [n.decode().startswith(("benign", "malignant")) for n in names]
+    assert all(m[i].sum() > 0 for i, les in enumerate(lesion) if les)
+    assert all(m[i].sum() == 0 for i, les in enumerate(lesion) if not les)
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    # An image that *is* its mask: after the same geometry they must still agree.
+    mask = np.zeros((64, 64, 1), np.float32)
+    mask[20:44, 10:30] = 1.0
+    aug = AugmentConfig(brightness=0.0, contrast=0.0, rotation_deg=15, zoom=0.15, translate=0.1)
+    for k in range(8):
+        img, m = augment_pair(tf.constant(mask), tf.constant(mask), tf.constant([k, 7]), aug)
+        img, m = img.numpy(), m.numpy()
+        assert set(np.unique(m)) <= {0.0, 1.0}, "mask stays binary"
+        inter = np.logical_and(img > 0.5, m > 0.5).sum()
+        union = np.logical_or(img > 0.5, m > 0.5).sum()
+        assert inter / union > 0.95, k
+    a = augment_pair(tf.constant(mask), None, tf.constant([3, 4]), aug)[0]
+    b = augment_pair(tf.constant(mask), None, tf.constant([3, 4]), aug)[0]
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_training_stream_is_augmented_and_varies_by_epoch(prepared):
+    cfg = LoaderConfig(**SMALL, deterministic=True, shuffle=False)
+    ds = segmentation_dataset(prepared, "train", cfg, training=True)
+    e1 = next(iter(ds))[0].numpy()
+    e2 = next(iter(ds))[0].numpy()
+    plain = next(iter(segmentation_dataset(prepared, "train", cfg, training=False)))[0].numpy()
+    assert not np.allclose(e1, plain) and not np.allclose(e1, e2)
+
+
+def test_deterministic_order_with_a_seed(prepared):
+    cfg = LoaderConfig(**SMALL, deterministic=True, seed=11)
+    a = _collect(classification_dataset(prepared, "train", cfg, include_names=True))[2]
+    b = _collect(classification_dataset(prepared, "train", cfg, include_names=True))[2]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_input_context_shards_and_divides_the_batch(prepared):
+    cfg = LoaderConfig(image_size=(32, 32), batch_size=4, shuffle=False)
+    seen = []
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid, num_replicas_in_sync=2)
+        batches = list(segmentation_dataset(prepared, "train", cfg, input_context=ctx, include_names=True))
+        assert max(b[0].shape[0] for b in batches) == 2, "per-replica batch = global / replicas"
+        seen.append({n for b in batches for n in b[2].numpy()})
+    everything = {n for b in segmentation_dataset(prepared, "train", cfg, include_names=True) for n in b[2].numpy()}
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == everything
+
+
+def test_balanced_sampling_and_class_weights(prepared):
+    cfg = LoaderConfig(**SMALL)
+    ys = np.concatenate([y.numpy() for _, y in classification_dataset(prepared, "train", cfg, balanced=True,
+                                                                      include_augmented=False).take(60)])
+    counts = np.bincount(ys, minlength=3) / len(ys)
+    assert np.all(np.abs(counts - 1 / 3) < 0.12), counts
+    w = class_weights(prepared)
+    assert w[2] > w[1] > w[0], "rarer classes weigh more (normal < malignant < benign in count)"
+
+
+def test_pad_resize_keeps_aspect(prepared):
+    cfg = LoaderConfig(image_size=(64, 64), batch_size=2, resize="pad")
+    x, m = next(iter(segmentation_dataset(prepared, "test", cfg, training=False)))
+    # Synthetic images are not square: either the top row or the left column is padding.
+    x = x.numpy()
+    for img in x:
+        assert img[0].max() == 0.0 or img[:, 0].max() == 0.0
+    stretched = next(iter(segmentation_dataset(prepared, "test", LoaderConfig(image_size=(64, 64), batch_size=2),
+                                               training=False)))[0].numpy()
+    assert all(img[0].max() > 0 and img[:, 0].max() > 0 for img in stretched)
+
+
+ILL_LOADERS = [
+    (lambda p, r: classification_dataset(p / "segmentation", "train"), "no class labels"),
+    (lambda p, r: segmentation_dataset(p / "classification", "train"), "has no masks"),
+    (lambda p, r: segmentation_dataset(p, "training"), "Unknown split"),
+    (lambda p, r: segmentation_dataset(p / "nope", "train"), "no such directory"),
+    (lambda p, r: detect_layout(p / "segmentation" / "train_images", "segmentation"), "not a BUSI layout"),
+]
+
+
+@pytest.mark.parametrize("call,message", ILL_LOADERS)
+def test_loader_errors_are_clear(call, message, prepared, synthetic_release):
+    with pytest.raises(TfBusError, match=message):
+        call(prepared, synthetic_release)
+
+
+@pytest.mark.parametrize("kwargs", [dict(channels=2), dict(image_size=(4, 4)), dict(scale="x"), dict(batch_size=0)])
+def test_bad_loader_config(kwargs):
+    with pytest.raises(ConfigError, match="Received"):
+        LoaderConfig(**kwargs)

@@ -1,0 +1,223 @@
+"""The `tf-bus` command: a thin argparse layer over the library, one subcommand per stage.
+
+Errors that a user can fix (bad data, bad flags, existing outputs) are printed as one
+message with the fix, exit status 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tf_bus.config import ConfigError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.7,0.15,0.15, got {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three fractions train,validation,test, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a small synthetic BUSI-like release",
+                       description="Write synthetic BUSI-like cases in the release layout "
+                                   "(OUT/Dataset_BUSI_with_GT/<class>/...), for tests and the demo.")
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--n", type=_positive_int, default=60, help="number of cases, at least 9 (default: 60)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from tf_bus.data.synthetic import make_synthetic
+
+    root = make_synthetic(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.n} synthetic cases to {root}")
+    return 0
+
+
+def _add_read_flags(p) -> None:
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out cases with bad files and list them, instead of stopping at the first report")
+    p.add_argument("--near-threshold", type=float, default=None,
+                   help="near-duplicate test: minimum correlation of 32x32 grey thumbnails (default: 0.90)")
+    p.add_argument("--detail-threshold", type=float, default=None,
+                   help="near-duplicate test: minimum correlation of high-passed thumbnails (default: 0.45)")
+    p.add_argument("--workers", type=_positive_int, default=4, help="threads reading images (default: 4)")
+
+
+def _prepare_config(args):
+    from tf_bus.config import BalanceConfig, DuplicateConfig, PrepareConfig, SplitConfig
+
+    dup = DuplicateConfig()
+    if args.near_threshold is not None:
+        dup.near_threshold = args.near_threshold
+    if args.detail_threshold is not None:
+        dup.detail_threshold = args.detail_threshold
+    DuplicateConfig(**dup.__dict__)  # validate
+    fr = getattr(args, "split", None) or (0.70, 0.15, 0.15)
+    return PrepareConfig(
+        split=SplitConfig(*fr, seed=getattr(args, "seed", 1337)),
+        duplicates=dup,
+        balance=BalanceConfig(method=getattr(args, "balance", "augment")),
+        skip_bad=args.skip_bad,
+        workers=args.workers,
+    )
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="validate a release and report duplicate groups",
+                       description="Read every image and mask of a BUSI release, report bad files "
+                                   "and duplicate groups (exact and near), write nothing under RAW_DIR.")
+    p.add_argument("raw_dir", metavar="RAW_DIR", help="Dataset_BUSI_with_GT (or its parent)")
+    p.add_argument("--json", metavar="FILE", help="also write the report (problems, duplicate groups) to FILE")
+    _add_read_flags(p)
+    p.set_defaults(func=_cmd_check)
+
+
+def _cmd_check(args) -> int:
+    from tf_bus.data.busi import read_release
+    from tf_bus.data.split import find_duplicates
+    from tf_bus.io import write_json_atomic
+
+    cfg = _prepare_config(args)
+    read = read_release(args.raw_dir, skip_bad=args.skip_bad, thumb_size=cfg.duplicates.thumb_size, workers=args.workers)
+    dups = find_duplicates(read.infos, cfg.duplicates)
+    d = dups.to_dict()
+    print(f"{len(read.infos)} cases read from {read.root}; {len(read.problems)} problem(s)")
+    for pr in read.problems:
+        print(f"  skipped: {pr}")
+    print(f"{len(d['groups'])} duplicate groups holding {d['num_cases_in_duplicate_groups']} cases; "
+          f"{len(d['exact_duplicates'])} exact; {len(d['cross_class_groups'])} filed under two classes:")
+    for g in d["cross_class_groups"]:
+        print("  cross-class: " + ", ".join(g))
+    if args.json:
+        write_json_atomic(args.json, {"problems": [p.to_dict() for p in read.problems], **d})
+        print(f"report -> {args.json}")
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="split a release without leakage and write both layouts",
+                       description="Read RAW_DIR, group duplicates, split train/validation/test by group "
+                                   "(class-stratified), and write OUT_DIR/classification, "
+                                   "OUT_DIR/segmentation, splits.json, duplicates.json, manifest.json. "
+                                   "Written to a temporary folder and renamed at the end.")
+    p.add_argument("raw_dir", metavar="RAW_DIR", help="Dataset_BUSI_with_GT (or its parent); never modified")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--split", type=_fractions, default=None, metavar="TR,VA,TE",
+                   help="split fractions train,validation,test (default: 0.7,0.15,0.15)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the split (default: 1337)")
+    p.add_argument("--balance", choices=("augment", "none"), default="augment",
+                   help="augment: add augmented copies of minority classes to classification/train only; "
+                        "none: leave it (use class weights or balanced sampling) (default: augment)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="reuse this splits.json instead of making a split")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR once the new one is complete; its splits.json is reused")
+    p.add_argument("--resplit", action="store_true", help="with --overwrite: make a new split instead of reusing")
+    _add_read_flags(p)
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args) -> int:
+    from tf_bus.data.layouts import prepare
+
+    report = prepare(args.raw_dir, args.out_dir, _prepare_config(args), overwrite=args.overwrite,
+                     splits_file=args.splits, resplit=args.resplit)
+    print(json.dumps({k: v for k, v in report.to_dict().items() if k != "cross_class_groups"}, indent=2))
+    if report.cross_class_groups:
+        print(f"note: {len(report.cross_class_groups)} duplicate group(s) are filed under two classes "
+              "(see duplicates.json, cross_class_groups); each stays within one split.")
+    return 0
+
+
+def _add_eda(sub) -> None:
+    p = sub.add_parser("eda", help="class counts, image sizes, lesion areas (JSON + PNG)",
+                       description="Write eda.json and PNG charts for a `tf-bus prepare` output or a raw release.")
+    p.add_argument("data", metavar="DIR", help="a prepare output folder or a raw release")
+    p.add_argument("--out", metavar="OUT", help="where to write (default: DIR/eda for a prepare output, ./eda for a release)")
+    p.set_defaults(func=_cmd_eda)
+
+
+def _cmd_eda(args) -> int:
+    from tf_bus.data.eda import eda
+
+    out = args.out
+    if out is None:
+        out = os.path.join(args.data, "eda") if os.path.isdir(os.path.join(args.data, "classification")) else "eda"
+    stats = eda(args.data, out)
+    print(json.dumps({k: stats[k] for k in ("class_counts_before_balancing", "class_counts_after_balancing")}, indent=2))
+    print(f"eda.json, class_counts.png, image_sizes.png, lesion_area.png -> {out}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the pipeline on synthetic data or a real release",
+                       description="Run the pipeline: synthetic data (or DATA), prepare, EDA, a batch from each loader.")
+    p.add_argument("data", metavar="DATA", nargs="?", help="a Dataset_BUSI_with_GT folder (default: synthetic data)")
+    p.add_argument("--out", default="demo_output", help="output folder, replaced on each run (default: demo_output)")
+    p.add_argument("--n", type=_positive_int, default=60, help="synthetic cases when no DATA is given (default: 60)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from tf_bus.demo import run_demo
+
+    run_demo(args.data, args.out, n_synthetic=args.n)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tf-bus",
+        description="Breast ultrasound (BUSI) lesion segmentation and classification with Keras 3. "
+                    "Stages in data-flow order: synth/check -> prepare -> eda -> (train, evaluate, export, serve).",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda):
+        add(sub)
+    return parser
+
+
+def _version() -> str:
+    import tf_bus
+
+    return f"tf-bus {tf_bus.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tf_bus.data.busi import TfBusError
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TfBusError, ConfigError) as e:
+        print(f"tf-bus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tf-bus {args.command}: interrupted; outputs are written atomically, nothing half-written was left.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Typed configuration: the single source of truth for every stage.
+
+Each stage takes one of these dataclasses; the CLI only overrides fields, and the
+config that was used is saved next to the stage's outputs (``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Class names of the BUSI release, in label-index order (benign=0, malignant=1, normal=2).
+CLASS_NAMES: tuple[str, ...] = ("benign", "malignant", "normal")
+
+#: Split names as used in ``splits.json`` and the classification layout.
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+#: Segmentation layout folder names, as the original pipeline used them:
+#: split -> (images dir, masks dir).
+SEGMENTATION_DIRS: dict[str, tuple[str, str]] = {
+    "train": ("train_images/train", "train_masks/train"),
+    "validation": ("val_images/Val", "val_masks/Val"),
+    "test": ("test_images/test", "test_masks/test"),
+}
+
+#: Image file extensions that both PIL and ``tf.io.decode_image`` read.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"`{name}` must be within [0, 1]. Received: {name}={value!r}")
+
+
+@dataclass
+class SplitConfig:
+    """Group-aware, class-stratified train/validation/test split.
+
+    Args:
+        train: fraction of cases (per class) for training.
+        validation: fraction for validation.
+        test: fraction for test.
+        seed: seed of the (deterministic) assignment.
+    """
+
+    train: float = 0.70
+    validation: float = 0.15
+    test: float = 0.15
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        for name in SPLITS:
+            _check_fraction(name, getattr(self, name))
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(
+                "Split fractions must add up to 1. Received: "
+                f"train={self.train}, validation={self.validation}, test={self.test} "
+                f"(sum {total:.4f})"
+            )
+
+    def fractions(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SPLITS}
+
+
+@dataclass
+class DuplicateConfig:
+    """Exact and near-duplicate detection.
+
+    Two images are near-duplicates (another frame of the same lesion, the same frame
+    with other calipers) when their grey thumbnails correlate at ``near_threshold``
+    or above AND their high-passed thumbnails (thumbnail minus its Gaussian blur of
+    radius ``detail_blur``) correlate at ``detail_threshold`` or above. The first test
+    alone confuses unrelated ultrasound frames (they share the same dark-bottom
+    layout); the second alone chains unrelated images through caliper marks.
+    Calibrated on real BUSI: see README "Duplicates".
+
+    Args:
+        thumb_size: side of the grey thumbnails.
+        near_threshold: minimum correlation of the thumbnails.
+        detail_threshold: minimum correlation of the high-passed thumbnails.
+        detail_blur: Gaussian radius (thumbnail pixels) removed by the high-pass.
+    """
+
+    thumb_size: int = 32
+    near_threshold: float = 0.90
+    detail_threshold: float = 0.45
+    detail_blur: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.thumb_size < 4:
+            raise ConfigError(f"`thumb_size` must be >= 4. Received: thumb_size={self.thumb_size}")
+        if not 0.0 < self.near_threshold <= 1.0:
+            raise ConfigError(
+                "`near_threshold` must be within (0, 1]. "
+                f"Received: near_threshold={self.near_threshold}"
+            )
+
+
+@dataclass
+class BalanceConfig:
+    """Class balancing of the classification train split.
+
+    Args:
+        method: ``"augment"`` writes augmented copies of the minority classes into the
+            train split only (validation and test are never touched); ``"none"`` leaves
+            the split as it is (use class weights or balanced sampling in the loader).
+        seed: seed of the augmentations.
+    """
+
+    method: str = "augment"
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        if self.method not in ("augment", "none"):
+            raise ConfigError(
+                "`balance` must be 'augment' or 'none'. "
+                f"Received: balance={self.method!r}"
+            )
+
+
+@dataclass
+class PrepareConfig:
+    """`tf-bus prepare`: read the release, split it, write both layouts."""
+
+    split: SplitConfig = field(default_factory=SplitConfig)
+    duplicates: DuplicateConfig = field(default_factory=DuplicateConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    skip_bad: bool = False
+    workers: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PrepareConfig":
+        return cls(
+            split=SplitConfig(**d.get("split", {})),
+            duplicates=DuplicateConfig(**d.get("duplicates", {})),
+            balance=BalanceConfig(**d.get("balance", {})),
+            skip_bad=d.get("skip_bad", False),
+            workers=d.get("workers", 4),
+        )
+
+
+@dataclass
+class AugmentConfig:
+    """Paired image/mask augmentation (identical geometry for image and mask).
+
+    Args:
+        horizontal_flip: flip left-right with probability 0.5.
+        vertical_flip: flip up-down with probability 0.5 (off: in ultrasound the
+            transducer is at the top, so vertical flips make implausible images).
+        rotation_deg: maximum absolute rotation, degrees.
+        zoom: maximum relative zoom in or out (0.1 = 90%..110%).
+        translate: maximum shift as a fraction of the side.
+        brightness: maximum additive brightness change, on the [0, 1] scale.
+        contrast: maximum relative contrast change (0.1 = 0.9..1.1).
+    """
+
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rotation_deg: float = 10.0
+    zoom: float = 0.1
+    translate: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+
+@dataclass
+class LoaderConfig:
+    """How a `tf.data.Dataset` is built from any of the three layouts.
+
+    Args:
+        image_size: (height, width) every image and mask is resized to.
+        channels: 1 (grey) or 3 (grey replicated to RGB, or RGB kept).
+        scale: ``"unit"`` gives float32 images in [0, 1]; ``"raw"`` in [0, 255]
+            (for models that preprocess inside, such as the ResNet classifier).
+        resize: ``"stretch"`` resizes to ``image_size``; ``"pad"`` keeps the aspect
+            ratio and pads with zeros.
+        batch_size: global batch size (divided across replicas by an InputContext).
+        shuffle: shuffle (training); ``None`` means "shuffle the train split only".
+        shuffle_buffer: size of the shuffle buffer.
+        augment: apply ``augmentation`` (training); ``None`` means "train split only".
+        cache: cache decoded, resized images in memory after the first epoch.
+        deterministic: keep element order fixed under parallel decoding.
+        drop_remainder: drop the last, smaller batch.
+        seed: seed of shuffling and augmentation.
+    """
+
+    image_size: tuple[int, int] = (256, 256)
+    channels: int = 3
+    scale: str = "unit"
+    resize: str = "stretch"
+    batch_size: int = 8
+    shuffle: bool | None = None
+    shuffle_buffer: int = 1024
+    augment: bool | None = None
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: bool = True
+    deterministic: bool = False
+    drop_remainder: bool = False
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise ConfigError(
+                "`image_size` must be (height, width), each >= 8. "
+                f"Received: image_size={self.image_size}"
+            )
+        if self.channels not in (1, 3):
+            raise ConfigError(f"`channels` must be 1 or 3. Received: channels={self.channels}")
+        if self.scale not in ("unit", "raw"):
+            raise ConfigError(f"`scale` must be 'unit' or 'raw'. Received: scale={self.scale!r}")
+        if self.resize not in ("stretch", "pad"):
+            raise ConfigError(
+                f"`resize` must be 'stretch' or 'pad'. Received: resize={self.resize!r}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        if isinstance(self.augmentation, dict):
+            self.augmentation = AugmentConfig(**self.augmentation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,451 @@
+"""tf.data loaders for the three BUSI layouts (stage 4 of the pipeline).
+
+``classification_dataset`` and ``segmentation_dataset`` accept any of:
+
+* a prepared output root (``OUT`` of ``tf-bus prepare``: holds ``classification/`` and
+  ``segmentation/``),
+* the classification layout (``OUT/classification``: ``{train,validation,test}/<class>/``),
+* the segmentation layout (``OUT/segmentation``: ``train_images/train`` ... ``*_masks``),
+* the raw release (``Dataset_BUSI_with_GT`` or its parent): the split comes from a
+  ``splits.json`` if one is given, else it is computed (deterministic, leak-free).
+
+Elements are ``(image, label)`` for classification, with ``image`` float32
+``(H, W, C)`` and ``label`` int32 (benign=0, malignant=1, normal=2), and
+``(image, mask)`` for segmentation, with ``mask`` float32 ``(H, W, 1)`` in {0, 1};
+batched. With ``include_names`` a third item is the case's file stem (tf.string).
+
+Order of the graph: file list -> shard (InputContext) -> parallel decode + resize ->
+cache (uint8) -> shuffle -> paired augmentation -> scale -> batch -> prefetch.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from tf_bus.config import (
+    CLASS_NAMES,
+    IMAGE_EXTENSIONS,
+    SEGMENTATION_DIRS,
+    SPLITS,
+    AugmentConfig,
+    LoaderConfig,
+    SplitConfig,
+)
+from tf_bus.data.busi import TfBusError, find_release_root, read_release
+from tf_bus.data.layouts import AUG_MARK, layout_stem
+from tf_bus.data.split import check_plan_matches, load_splits, make_split
+
+AUTOTUNE = tf.data.AUTOTUNE
+_MASK_SEP = "\n"  # several mask paths of one case travel as one joined string
+
+
+# ----------------------------------------------------------------------------- listing
+
+def detect_layout(path: str | os.PathLike, task: str) -> tuple[str, Path]:
+    """Finds which layout ``path`` is.
+
+    Args:
+        path: a prepared root, a classification or segmentation layout, or a release.
+        task: ``"classification"`` or ``"segmentation"`` (picks the sub-layout of a
+            prepared root).
+
+    Returns:
+        ``(kind, root)`` with kind in ``classification``, ``segmentation``, ``release``.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise TfBusError(f"{p}: no such directory. Pass a prepared folder or a BUSI release.")
+    if (p / task).is_dir() and task in ("classification", "segmentation"):
+        return task, p / task
+    if all((p / s).is_dir() for s in SPLITS):
+        return "classification", p
+    if (p / "train_images").is_dir() or (p / "test_images").is_dir():
+        return "segmentation", p
+    try:
+        return "release", find_release_root(p)
+    except TfBusError:
+        raise TfBusError(
+            f"{p}: not a BUSI layout. Expected a `tf-bus prepare` output, "
+            "classification/ (train/validation/test/<class>/), segmentation/ "
+            "(train_images/train, ...), or Dataset_BUSI_with_GT/."
+        ) from None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS + ("all",):
+        raise TfBusError(f"Unknown split {split!r}. Use one of: {', '.join(SPLITS)}, all.")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_classification(root: Path, split: str, *, include_augmented: bool = True) -> tuple[list[str], list[int]]:
+    """Image paths and labels of one split of the classification layout."""
+    _check_split(split)
+    paths, labels = [], []
+    for s in SPLITS if split == "all" else (split,):
+        for idx, label in enumerate(CLASS_NAMES):
+            folder = root / s / label
+            if not folder.is_dir():
+                raise TfBusError(f"{folder}: missing. Re-run `tf-bus prepare` to rebuild the layout.")
+            for p in _images_in(folder):
+                if include_augmented or AUG_MARK not in p.stem:
+                    paths.append(str(p))
+                    labels.append(idx)
+    return paths, labels
+
+
+def list_segmentation(root: Path, split: str) -> tuple[list[str], list[str]]:
+    """Image and mask paths of one split of the segmentation layout, paired by name."""
+    _check_split(split)
+    images, masks = [], []
+    for s in SPLITS if split == "all" else (split,):
+        img_dir, mask_dir = (root / d for d in SEGMENTATION_DIRS[s])
+        for d in (img_dir, mask_dir):
+            if not d.is_dir():
+                raise TfBusError(f"{d}: missing. Re-run `tf-bus prepare` to rebuild the layout.")
+        by_stem = {p.stem: p for p in _images_in(mask_dir)}
+        for img in _images_in(img_dir):
+            mask = by_stem.pop(f"{img.stem}_mask", None)
+            if mask is None:
+                raise TfBusError(f"{img}: no mask {img.stem}_mask.png in {mask_dir}. Re-run `tf-bus prepare`.")
+            images.append(str(img))
+            masks.append(str(mask))
+        if by_stem:
+            extra = sorted(by_stem)[0]
+            raise TfBusError(f"{mask_dir / extra}: mask without image in {img_dir}. Re-run `tf-bus prepare`.")
+    return images, masks
+
+
+def list_release(
+    root: Path,
+    split: str,
+    *,
+    splits_file: str | os.PathLike | None = None,
+    split_config: SplitConfig | None = None,
+) -> tuple[list[str], list[str], list[int]]:
+    """Image paths, joined mask paths and labels of one split of the raw release.
+
+    The split is read from ``splits_file`` when given; otherwise it is computed exactly
+    as ``tf-bus prepare`` computes it (same defaults give the same split).
+    """
+    _check_split(split)
+    read = read_release(root)
+    if split == "all":
+        chosen = read.cases
+    else:
+        if splits_file is not None:
+            plan = load_splits(splits_file)
+            check_plan_matches(plan, [c.case_id for c in read.cases], str(splits_file))
+        else:
+            plan = make_split(read.infos, split_config)
+        chosen = [c for c in read.cases if plan.assignment[c.case_id] == split]
+    return (
+        [c.image_path for c in chosen],
+        [_MASK_SEP.join(c.mask_paths) for c in chosen],
+        [c.label_index for c in chosen],
+    )
+
+
+def _stem_of(path: str) -> str:
+    return Path(path).stem
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _decode(contents: tf.Tensor, channels: int) -> tf.Tensor:
+    img = tf.io.decode_image(contents, channels=channels, dtype=tf.uint8, expand_animations=False)
+    img.set_shape([None, None, channels])
+    return img
+
+
+def _binarise(mask_u8: tf.Tensor) -> tf.Tensor:
+    """{0, 1} uint8: foreground where the grey level exceeds half the mask's maximum."""
+    peak = tf.reduce_max(mask_u8)
+    return tf.cast(tf.logical_and(mask_u8 > peak // 2, peak > 0), tf.uint8)
+
+
+def _read_mask(joined_paths: tf.Tensor) -> tf.Tensor:
+    paths = tf.strings.split(joined_paths, _MASK_SEP)
+    first = _binarise(_decode(tf.io.read_file(paths[0]), 1))
+
+    def body(i, acc):
+        return i + 1, tf.maximum(acc, _binarise(_decode(tf.io.read_file(paths[i]), 1)))
+
+    _, union = tf.while_loop(lambda i, _: i < tf.size(paths), body, (tf.constant(1), first),
+                             shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None, 1])))
+    return union
+
+
+def _resize(x: tf.Tensor, config: LoaderConfig, method: str) -> tf.Tensor:
+    h, w = config.image_size
+    antialias = method == "bilinear"
+    if config.resize == "pad":
+        out = tf.image.resize_with_pad(tf.cast(x, tf.float32), h, w, method=method, antialias=antialias)
+    else:
+        out = tf.image.resize(tf.cast(x, tf.float32), (h, w), method=method, antialias=antialias)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _affine_matrix(seed: tf.Tensor, aug: AugmentConfig, h: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """A (1, 8) projective transform (output -> input) for rotate/zoom/shift about the centre."""
+    u = tf.random.stateless_uniform([4], seed=seed, minval=-1.0, maxval=1.0)
+    theta = u[0] * aug.rotation_deg * math.pi / 180.0
+    zoom = 1.0 + u[1] * aug.zoom
+    tx, ty = u[2] * aug.translate * w, u[3] * aug.translate * h
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    c, s = tf.cos(theta) / zoom, tf.sin(theta) / zoom
+    a0, a1, b0, b1 = c, s, -s, c
+    a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
+    b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
+    return tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), [1, 8])
+
+
+def _transform(x: tf.Tensor, matrix: tf.Tensor, interpolation: str) -> tf.Tensor:
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=matrix, output_shape=tf.shape(x)[:2],
+        interpolation=interpolation, fill_mode="CONSTANT", fill_value=0.0)
+    return out[0]
+
+
+def augment_pair(
+    image: tf.Tensor,
+    mask: tf.Tensor | None,
+    seed: tf.Tensor,
+    aug: AugmentConfig,
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Random paired augmentation with a stateless ``seed`` (shape (2,), int).
+
+    Args:
+        image: float32 (H, W, C) in [0, 1].
+        mask: float32 (H, W, 1) in {0, 1}, or None (classification).
+        seed: the element's seed; the same seed gives the same augmentation.
+        aug: the ranges.
+
+    Returns:
+        ``(image, mask)``: the same geometry applied to both (bilinear for the image,
+        nearest for the mask, so the mask stays binary); brightness and contrast on
+        the image only.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    if aug.horizontal_flip:
+        flip = tf.random.stateless_uniform([], seed=seeds[0]) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+        if mask is not None:
+            mask = tf.cond(flip, lambda: tf.reverse(mask, [1]), lambda: mask)
+    if aug.vertical_flip:
+        flip = tf.random.stateless_uniform([], seed=seeds[1]) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, [0]), lambda: image)
+        if mask is not None:
+            mask = tf.cond(flip, lambda: tf.reverse(mask, [0]), lambda: mask)
+    if aug.rotation_deg or aug.zoom or aug.translate:
+        m = _affine_matrix(seeds[2], aug, h, w)
+        image = _transform(image, m, "BILINEAR")
+        if mask is not None:
+            mask = _transform(mask, m, "NEAREST")
+    if aug.brightness or aug.contrast:
+        u = tf.random.stateless_uniform([2], seed=seeds[3], minval=-1.0, maxval=1.0)
+        mean = tf.reduce_mean(image)
+        image = (image - mean) * (1.0 + u[0] * aug.contrast) + mean + u[1] * aug.brightness
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image, mask
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _finish(
+    ds: tf.data.Dataset,
+    config: LoaderConfig,
+    training: bool,
+    input_context: tf.distribute.InputContext | None,
+    has_mask: bool,
+    include_names: bool,
+    num_examples: int,
+) -> tf.data.Dataset:
+    """Everything after decoding: cache, shuffle, augment, scale, batch, prefetch."""
+    if config.cache:
+        ds = ds.cache()
+    shuffle = training if config.shuffle is None else config.shuffle
+    augment = training if config.augment is None else config.augment
+    if shuffle and num_examples > 1:
+        ds = ds.shuffle(min(config.shuffle_buffer, num_examples), seed=config.seed,
+                        reshuffle_each_iteration=True)
+    seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds))
+    aug = config.augmentation
+    factor = 255.0 if config.scale == "raw" else 1.0
+
+    def post(elem, seed):
+        image, target, name = elem
+        image = tf.cast(image, tf.float32) / 255.0
+        mask = tf.cast(target, tf.float32) if has_mask else None
+        if augment:
+            image, mask = augment_pair(image, mask, seed, aug)
+        image = image * factor
+        out_target = mask if has_mask else target
+        return (image, out_target, name) if include_names else (image, out_target)
+
+    ds = ds.map(post, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic or None)
+    batch = config.batch_size
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(config.batch_size)
+    ds = ds.batch(batch, drop_remainder=config.drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = config.deterministic
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
+        else tf.data.experimental.AutoShardPolicy.AUTO)
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _is_training(split: str, training: bool | None) -> bool:
+    return split == "train" if training is None else training
+
+
+def classification_dataset(
+    data: str | os.PathLike,
+    split: str,
+    config: LoaderConfig | None = None,
+    *,
+    training: bool | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    splits_file: str | os.PathLike | None = None,
+    balanced: bool = False,
+    include_augmented: bool = True,
+    include_names: bool = False,
+) -> tf.data.Dataset:
+    """A batched, prefetched dataset of ``(image, label)`` for the classifier.
+
+    Args:
+        data: prepared root, classification layout, segmentation layout is not
+            accepted (it has no class folders), or the raw release.
+        split: ``train``, ``validation``, ``test`` or ``all``.
+        config: loader settings (size, channels, scale, batch, augmentation ...).
+        training: shuffle and augment (default: only for ``train``).
+        input_context: shards files across input pipelines and divides the global
+            batch size by the number of replicas.
+        splits_file: the ``splits.json`` to use with a raw release.
+        balanced: sample the classes equally (an infinite dataset: pass
+            ``steps_per_epoch`` to ``fit``); an alternative to the offline balancing
+            of ``prepare`` and to class weights.
+        include_augmented: keep the offline-balancing copies of a prepared layout.
+        include_names: add the file stem as a third element.
+
+    Returns:
+        ``tf.data.Dataset`` of ``(image (B, H, W, C) float32, label (B,) int32)``.
+    """
+    config = config or LoaderConfig()
+    kind, root = detect_layout(data, "classification")
+    if kind == "segmentation":
+        raise TfBusError(f"{root}: a segmentation layout has no class labels. Pass the classification layout or the release.")
+    if kind == "classification":
+        paths, labels = list_classification(root, split, include_augmented=include_augmented)
+    else:
+        paths, _, labels = list_release(root, split, splits_file=splits_file)
+    if not paths:
+        raise TfBusError(f"{root}: split {split!r} holds no images.")
+    names = [_stem_of(p) if kind == "classification" else layout_stem(f"{CLASS_NAMES[l]}/{_stem_of(p)}")
+             for p, l in zip(paths, labels)]
+    training = _is_training(split, training)
+
+    def files(idx):
+        sel = [i for i, l in enumerate(labels) if idx is None or l == idx]
+        ds = tf.data.Dataset.from_tensor_slices((
+            tf.constant([paths[i] for i in sel]), tf.constant([labels[i] for i in sel], tf.int32),
+            tf.constant([names[i] for i in sel])))
+        if input_context is not None:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return ds
+
+    def load(path, label, name):
+        return _resize(_decode(tf.io.read_file(path), config.channels), config, "bilinear"), label, name
+
+    if balanced:
+        per_class = []
+        for idx in range(len(CLASS_NAMES)):
+            if idx not in labels:
+                continue
+            ds = files(idx).map(load, num_parallel_calls=AUTOTUNE)
+            ds = (ds.cache() if config.cache else ds).repeat()
+            per_class.append(ds)
+        ds = tf.data.Dataset.sample_from_datasets(per_class, seed=config.seed)
+        cfg = LoaderConfig(**{**config.__dict__, "cache": False})
+        return _finish(ds, cfg, training, input_context, False, include_names, config.shuffle_buffer)
+    ds = files(None).map(load, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic or None)
+    return _finish(ds, config, training, input_context, False, include_names, len(paths))
+
+
+def segmentation_dataset(
+    data: str | os.PathLike,
+    split: str,
+    config: LoaderConfig | None = None,
+    *,
+    training: bool | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    splits_file: str | os.PathLike | None = None,
+    include_names: bool = False,
+) -> tf.data.Dataset:
+    """A batched, prefetched dataset of ``(image, mask)`` for the U-Net.
+
+    Args:
+        data: prepared root, segmentation layout, or the raw release (all masks of a
+            case are united on the fly).
+        split: ``train``, ``validation``, ``test`` or ``all``.
+        config, training, input_context, splits_file, include_names: as in
+            ``classification_dataset``.
+
+    Returns:
+        ``tf.data.Dataset`` of ``(image (B, H, W, C) float32, mask (B, H, W, 1)
+        float32 in {0, 1})``.
+    """
+    config = config or LoaderConfig()
+    kind, root = detect_layout(data, "segmentation")
+    if kind == "classification":
+        raise TfBusError(f"{root}: a classification layout has no masks. Pass the segmentation layout or the release.")
+    if kind == "segmentation":
+        images, masks = list_segmentation(root, split)
+        names = [_stem_of(p) for p in images]
+    else:
+        images, masks, labels = list_release(root, split, splits_file=splits_file)
+        names = [layout_stem(f"{CLASS_NAMES[l]}/{_stem_of(p)}") for p, l in zip(images, labels)]
+    if not images:
+        raise TfBusError(f"{root}: split {split!r} holds no images.")
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(images), tf.constant(masks), tf.constant(names)))
+    if input_context is not None:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+    def load(path, mask_paths, name):
+        image = _resize(_decode(tf.io.read_file(path), config.channels), config, "bilinear")
+        mask = _resize(_read_mask(mask_paths), config, "nearest")
+        return image, mask, name
+
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic or None)
+    return _finish(ds, config, _is_training(split, training), input_context, True, include_names, len(images))
+
+
+def class_weights(data: str | os.PathLike, split: str = "train", *, splits_file=None) -> dict[int, float]:
+    """Inverse-frequency class weights for ``model.fit(class_weight=...)``.
+
+    Counts only original images (offline-balancing copies excluded), so the weights
+    describe the real class imbalance: ``n / (num_classes * count_c)``.
+    """
+    kind, root = detect_layout(data, "classification")
+    if kind == "classification":
+        _, labels = list_classification(root, split, include_augmented=False)
+    elif kind == "release":
+        _, _, labels = list_release(root, split, splits_file=splits_file)
+    else:
+        raise TfBusError(f"{root}: a segmentation layout has no class labels.")
+    counts = collections.Counter(labels)
+    n = len(labels)
+    return {i: n / (len(counts) * counts[i]) for i in sorted(counts)}
