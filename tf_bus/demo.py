@@ -56,7 +56,7 @@ def run_demo(data: str | None = None, out_dir: str = "demo_output", *, n_synthet
     written["release"] = str(raw)
 
     prepared = out / "prepared"
-    report = prepare(raw, prepared, PrepareConfig(), overwrite=True)
+    report = prepare(raw, prepared, PrepareConfig(), overwrite=True, resplit=True)
     c = report.counts_before_balancing
     log(f"[2/5] prepare: leak-free split by duplicate group ({report.num_duplicate_groups} groups "
         f"of near-duplicates, {len(report.cross_class_groups)} filed under two classes)")

@@ -1,0 +1,111 @@
+"""Loader throughput: tf-bus tf.data loader vs a plain PIL-in-a-Python-loop baseline.
+
+Both read the same images and masks (the segmentation pairs of a BUSI release),
+resize to the same size and produce float32 arrays, in the same process; the order
+alternates between repeats and the median is reported. Prints JSON.
+
+    python benchmarks/loader_throughput.py [--data ../shared/busi] [--size 256] [--repeats 3]
+
+"cold" is the loader's first epoch (decode + resize, parallel); "cached" are the
+later epochs of a training run (decoded images cached in memory, augmentation and
+batching still run each epoch). The baseline has no cache: a plain loop re-reads
+the files every epoch, which is what the loader replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pil_loop(cases, size: int) -> int:
+    """The baseline: open, convert, resize, to float32, one image at a time."""
+    n = 0
+    for case in cases:
+        with Image.open(case.image_path) as im:
+            x = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+        m = None
+        for p in case.mask_paths:
+            with Image.open(p) as mim:
+                a = np.asarray(mim.convert("L").resize((size, size), Image.NEAREST)) > 127
+            m = a if m is None else (m | a)
+        assert x.shape == (size, size, 3) and m is not None
+        n += 1
+    return n
+
+
+def loader_epochs(data, size: int, batch: int, epochs: int, augment: bool) -> list[tuple[int, float]]:
+    from tf_bus.config import LoaderConfig
+    from tf_bus.data.pipeline import segmentation_dataset
+
+    cfg = LoaderConfig(image_size=(size, size), batch_size=batch, shuffle=augment, augment=augment)
+    ds = segmentation_dataset(data, "all", cfg)
+    out = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        n = sum(int(x.shape[0]) for x, _ in ds)
+        out.append((n, time.perf_counter() - t))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "busi"), help="BUSI release (or its parent)")
+    ap.add_argument("--size", type=int, default=256, help="output side in pixels (default: 256)")
+    ap.add_argument("--batch", type=int, default=16, help="loader batch size (default: 16)")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (default: 3)")
+    ap.add_argument("--augment", action="store_true", help="loader also shuffles and augments (training mode)")
+    args = ap.parse_args()
+
+    import tensorflow as tf
+
+    from tf_bus.data.busi import scan_release
+
+    cases = scan_release(args.data).cases
+    base, cold, cached = [], [], []
+    for r in range(args.repeats):
+        order = ("loader", "pil") if r % 2 == 0 else ("pil", "loader")
+        for which in order:
+            if which == "pil":
+                t = time.perf_counter()
+                n = pil_loop(cases, args.size)
+                base.append(n / (time.perf_counter() - t))
+            else:
+                epochs = loader_epochs(args.data, args.size, args.batch, 3, args.augment)
+                cold.append(epochs[0][0] / epochs[0][1])
+                cached.append(statistics.median(n / s for n, s in epochs[1:]))
+    med = statistics.median
+    print(json.dumps({
+        "benchmark": "loader_throughput",
+        "data": str(Path(args.data).resolve()),
+        "images": len(cases),
+        "size": args.size,
+        "augment": args.augment,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "tensorflow": tf.__version__,
+        "repeats": args.repeats,
+        "baseline_pil_loop_images_per_s": round(med(base), 1),
+        "loader_cold_epoch_images_per_s": round(med(cold), 1),
+        "loader_cached_epoch_images_per_s": round(med(cached), 1),
+        "speedup_cold": round(med(cold) / med(base), 2),
+        "speedup_cached": round(med(cached) / med(base), 2),
+        "all_runs": {"baseline": [round(v, 1) for v in base], "cold": [round(v, 1) for v in cold],
+                     "cached": [round(v, 1) for v in cached]},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

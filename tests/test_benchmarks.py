@@ -1,0 +1,25 @@
+"""The benchmark scripts run and print the JSON they promise (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_loader_benchmark_prints_json(synthetic_release):
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--data", str(synthetic_release),
+         "--size", "64", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == 36
+    for key in ("baseline_pil_loop_images_per_s", "loader_cold_epoch_images_per_s", "loader_cached_epoch_images_per_s"):
+        assert out[key] > 0
+    ratio = out["loader_cached_epoch_images_per_s"] / out["baseline_pil_loop_images_per_s"]
+    assert abs(out["speedup_cached"] - ratio) <= 0.01 * ratio + 0.01
