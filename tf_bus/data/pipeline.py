@@ -21,6 +21,7 @@ cache (uint8) -> shuffle -> paired augmentation -> scale -> batch -> prefetch.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -341,8 +342,8 @@ def classification_dataset(
     """A batched, prefetched dataset of ``(image, label)`` for the classifier.
 
     Args:
-        data: prepared root, classification layout, segmentation layout is not
-            accepted (it has no class folders), or the raw release.
+        data: prepared root, classification layout, or the raw release (a
+            segmentation layout alone has no class labels and is refused).
         split: ``train``, ``validation``, ``test`` or ``all``.
         config: loader settings (size, channels, scale, batch, augmentation ...).
         training: shuffle and augment (default: only for ``train``).
@@ -393,7 +394,7 @@ def classification_dataset(
             ds = (ds.cache() if config.cache else ds).repeat()
             per_class.append(ds)
         ds = tf.data.Dataset.sample_from_datasets(per_class, seed=config.seed)
-        cfg = LoaderConfig(**{**config.__dict__, "cache": False})
+        cfg = dataclasses.replace(config, cache=False)  # each class stream is cached above
         return _finish(ds, cfg, training, input_context, False, include_names, config.shuffle_buffer)
     ds = files(None).map(load, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic or None)
     return _finish(ds, config, training, input_context, False, include_names, len(paths))
