@@ -16,7 +16,6 @@ Class balancing writes augmented copies into ``classification/train`` only.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import os
 import random
@@ -33,10 +32,10 @@ from tf_bus.config import CLASS_NAMES, SEGMENTATION_DIRS, SPLITS, PrepareConfig
 from tf_bus.data.busi import CaseInfo, TfBusError, load_image, load_mask, read_release
 from tf_bus.data.split import (
     SplitPlan,
+    assign_splits,
     check_plan_matches,
     find_duplicates,
     load_splits,
-    make_split,
 )
 from tf_bus.io import atomic_directory, write_json_atomic
 
@@ -187,7 +186,7 @@ def prepare(
                     f"{reuse}: duplicate group {g} straddles splits; pass --resplit to make a leak-free split."
                 )
     else:
-        plan = make_split(read.infos, config.split, config.duplicates, source=str(raw_root))
+        plan = SplitPlan(assign_splits(dups.groups, config.split), config.split, dups, str(raw_root))
     plan.source = str(raw_root)
     try:
         with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -218,7 +217,3 @@ def prepare(
         raise TfBusError(f"{out}: appeared while preparing. Pass --overwrite to replace it.") from None
     return report
 
-
-def class_counts(labels: list[int] | np.ndarray) -> dict[str, int]:
-    c = collections.Counter(int(x) for x in labels)
-    return {name: c.get(i, 0) for i, name in enumerate(CLASS_NAMES)}
