@@ -184,6 +184,121 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or H,W like 128 or 128,160, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 8:
+        raise argparse.ArgumentTypeError(f"expected SIZE or H,W with each >= 8, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _batches(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,STOP like 10,15, got {text!r}") from None
+    return a, b
+
+
+def _add_train_segmenter(sub) -> None:
+    from tf_bus.config import PRECISIONS, SegmenterConfig
+
+    d = SegmenterConfig()
+    p = sub.add_parser("train-segmenter", help="train the U-Net lesion segmenter",
+                       description="Train a from-scratch U-Net on DIR and write RUN_DIR (config.json, best.keras, "
+                                   "last.keras, history.csv/json, logs/ for TensorBoard). Starting again with the "
+                                   "same --out after a kill resumes from the last finished epoch.")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a `tf-bus prepare` output, its segmentation/ layout, or a raw Dataset_BUSI_with_GT")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (resumed if unfinished)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use (default: computed as prepare does)")
+    p.add_argument("--image-size", type=_size, default=d.image_size, metavar="H,W",
+                   help=f"input size, divisible by 2**depth (default: {d.image_size[0]},{d.image_size[1]})")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels, help=f"input channels (default: {d.channels})")
+    p.add_argument("--depth", type=_positive_int, default=d.depth, help=f"U-Net levels (default: {d.depth})")
+    p.add_argument("--base-filters", type=_positive_int, default=d.base_filters,
+                   help=f"filters of the first level, doubled per level (default: {d.base_filters})")
+    p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout in the deepest blocks (default: {d.dropout})")
+    p.add_argument("--upsampling", choices=("transpose", "resize"), default=d.upsampling,
+                   help=f"transposed conv or bilinear resize + conv (default: {d.upsampling})")
+    p.add_argument("--padding", choices=("same", "valid"), default=d.padding,
+                   help=f"same: output at input size; valid: the paper's unpadded U-Net (default: {d.padding})")
+    p.add_argument("--loss", choices=("bce", "dice", "bce_dice", "focal_tversky"), default=d.loss,
+                   help=f"training loss (default: {d.loss})")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
+    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
+                   help=f"cosine: warm-up then cosine decay; plateau: halve on a val-loss plateau (default: {d.schedule})")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
+    p.add_argument("--no-augment", action="store_true", help="turn off the paired augmentation of the training split")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
+    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
+                   help=f"early stopping: epochs without a better val Dice, 0 disables (default: {d.early_stopping_patience})")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
+                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
+    p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
+    p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
+                   help="write a TensorBoard profiler trace of these training batches (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+    p.set_defaults(func=_cmd_train_segmenter)
+
+
+def _cmd_train_segmenter(args) -> int:
+    from tf_bus.config import SegmenterConfig
+    from tf_bus.training.segmentation import train_segmenter
+
+    config = SegmenterConfig(
+        image_size=args.image_size, channels=args.channels, depth=args.depth, base_filters=args.base_filters,
+        dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, loss=args.loss,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        augment=not args.no_augment, precision=args.precision, early_stopping_patience=args.patience,
+        time_budget_minutes=args.time_budget, threshold=args.threshold, seed=args.seed,
+        profile_batches=args.profile_batches,
+    )
+    summary = train_segmenter(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
+                              verbose=2 if args.quiet else 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_evaluate_segmenter(sub) -> None:
+    p = sub.add_parser("evaluate-segmenter", help="per-image TPR/FPR/Jaccard/Dice/HD95 of a trained U-Net",
+                       description="Evaluate RUN_DIR's best model on a split: per-image and aggregate metrics "
+                                   "(lesion and normal images apart) to RUN_DIR/eval_SPLIT/metrics.json and an "
+                                   "overlay grid to overlays.png.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter run folder")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepare output, segmentation layout, or raw release")
+    p.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate (default: test)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split file to use")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the left-right flip")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: RUN_DIR/threshold.json if present, else the run's)")
+    p.add_argument("--choose-threshold", action="store_true",
+                   help="pick the threshold with the best mean Dice on the validation split first (saved to threshold.json)")
+    p.set_defaults(func=_cmd_evaluate_segmenter)
+
+
+def _cmd_evaluate_segmenter(args) -> int:
+    from tf_bus.evaluation import evaluate_segmenter
+
+    res = evaluate_segmenter(args.run_dir, args.data, args.split, tta=args.tta, threshold=args.threshold,
+                             choose_on_validation=args.choose_threshold, splits_file=args.splits)
+    agg = res["aggregate"]
+    print(json.dumps({"settings": res["settings"], "aggregate": agg}, indent=2))
+    print(f"per-image metrics and overlays -> {os.path.join(args.run_dir, 'eval_' + args.split)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-bus",
@@ -192,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda):
+    for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
+                _add_evaluate_segmenter):
         add(sub)
     return parser
 

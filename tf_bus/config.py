@@ -229,3 +229,90 @@ class LoaderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+
+@dataclass
+class SegmenterConfig:
+    """`tf-bus train-segmenter`: model, loss, optimisation, data. Saved as RUN_DIR/config.json.
+
+    Args:
+        image_size: (height, width) the images are resized to; divisible by 2**depth.
+        channels: 1 (grey: BUSI is grey) or 3.
+        depth, base_filters, batch_norm, dropout, upsampling, padding: the U-Net
+            (see ``tf_bus.models.unet.UNet``).
+        loss: ``bce``, ``dice``, ``bce_dice`` or ``focal_tversky``.
+        epochs: maximum epochs.
+        batch_size: global batch size.
+        learning_rate: peak learning rate (Adam).
+        schedule: ``cosine`` (warm-up then cosine decay to 1% over ``epochs``),
+            ``plateau`` (halve on a validation-loss plateau) or ``constant``.
+        warmup_epochs: linear warm-up epochs for ``cosine``.
+        weight_decay: AdamW decoupled weight decay (0 for plain Adam).
+        augment: paired augmentation of the training split.
+        precision: ``float32``, ``mixed_bfloat16``, or ``auto`` (bf16 where the
+            hardware has native bf16 math: a GPU, or a CPU with AVX512_BF16/AMX).
+        early_stopping_patience: epochs without a better validation Dice before stopping
+            (0 disables).
+        time_budget_minutes: stop after the epoch that crosses this wall time (0: none).
+        threshold: probability threshold for the Dice/IoU metrics.
+        seed: seeds weights, shuffling and augmentation.
+        profile_batches: (start, stop) batches traced by the TensorBoard profiler, or None.
+    """
+
+    image_size: tuple[int, int] = (128, 128)
+    channels: int = 1
+    depth: int = 4
+    base_filters: int = 16
+    batch_norm: bool = True
+    dropout: float = 0.1
+    upsampling: str = "transpose"
+    padding: str = "same"
+    loss: str = "bce_dice"
+    epochs: int = 80
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    schedule: str = "cosine"
+    warmup_epochs: int = 2
+    weight_decay: float = 1e-4
+    augment: bool = True
+    precision: str = "auto"
+    early_stopping_patience: int = 20
+    time_budget_minutes: float = 38.0
+    threshold: float = 0.5
+    seed: int = 1337
+    profile_batches: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        if self.profile_batches is not None:
+            self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[assignment]
+            if len(self.profile_batches) != 2 or not 0 < self.profile_batches[0] <= self.profile_batches[1]:
+                raise ConfigError(
+                    "`profile_batches` must be START,STOP with 0 < START <= STOP. "
+                    f"Received: profile_batches={self.profile_batches}"
+                )
+        if self.loss not in ("bce", "dice", "bce_dice", "focal_tversky"):
+            raise ConfigError(f"`loss` must be bce, dice, bce_dice or focal_tversky. Received: loss={self.loss!r}")
+        if self.schedule not in ("cosine", "plateau", "constant"):
+            raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown segmenter config field(s) {sorted(unknown)}. Known: {sorted(known)}")
+        return cls(**d)

@@ -448,6 +448,16 @@ def segmentation_dataset(
     return _finish(ds, config, _is_training(split, training), input_context, True, include_names, len(images))
 
 
+def count_segmentation_examples(data: str | os.PathLike, split: str, *, splits_file=None) -> int:
+    """Number of (image, mask) pairs ``segmentation_dataset`` yields for ``split``."""
+    kind, root = detect_layout(data, "segmentation")
+    if kind == "segmentation":
+        return len(list_segmentation(root, split)[0])
+    if kind == "release":
+        return len(list_release(root, split, splits_file=splits_file)[0])
+    raise TfBusError(f"{root}: a classification layout has no masks.")
+
+
 def class_weights(data: str | os.PathLike, split: str = "train", *, splits_file=None) -> dict[int, float]:
     """Inverse-frequency class weights for ``model.fit(class_weight=...)``.
 

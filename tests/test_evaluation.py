@@ -1,0 +1,82 @@
+"""Mask metrics against hand-made masks, including every empty case."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tf_bus.evaluation import aggregate_mask_metrics, choose_threshold, hd95, mask_metrics
+
+
+def _a(rows):
+    return np.asarray(rows, bool)
+
+
+NAN = math.nan
+CASES = [
+    # (prediction, truth, expected tpr, fpr, jaccard, dice, precision)
+    ("half overlap", _a([[1, 0], [1, 0]]), _a([[1, 1], [0, 0]]), (0.5, 0.5, 1 / 3, 0.5, 0.5)),
+    ("exact", _a([[1, 1], [0, 0]]), _a([[1, 1], [0, 0]]), (1.0, 0.0, 1.0, 1.0, 1.0)),
+    ("over-segmented", _a([[1, 1], [1, 1]]), _a([[1, 0], [0, 0]]), (1.0, 3.0, 0.25, 0.4, 0.25)),
+    ("missed lesion", _a([[0, 0], [0, 0]]), _a([[0, 1], [0, 0]]), (0.0, 0.0, 0.0, 0.0, 0.0)),
+    ("disjoint", _a([[0, 0], [0, 1]]), _a([[1, 0], [0, 0]]), (0.0, 1.0, 0.0, 0.0, 0.0)),
+    ("normal, empty prediction", _a([[0, 0], [0, 0]]), _a([[0, 0], [0, 0]]), (NAN,) * 5),
+    ("normal, false positive", _a([[1, 0], [0, 0]]), _a([[0, 0], [0, 0]]), (NAN,) * 5),
+]
+
+
+@pytest.mark.parametrize("name,pred,truth,expected", CASES, ids=[c[0] for c in CASES])
+def test_mask_metrics_by_hand(name, pred, truth, expected):
+    m = mask_metrics(pred, truth)
+    for key, want in zip(("tpr", "fpr", "jaccard", "dice", "precision"), expected):
+        if math.isnan(want):
+            assert math.isnan(m[key]), key
+        else:
+            assert m[key] == pytest.approx(want), key
+    assert m["lesion"] == bool(truth.any())
+    assert m["predicted_empty"] == (not pred.any())
+    assert m["fp_area_fraction"] == pytest.approx(np.count_nonzero(pred & ~truth) / 4)
+
+
+def test_jaccard_never_exceeds_tpr_nor_dice():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        g = rng.random((8, 8)) < rng.random()
+        a = rng.random((8, 8)) < rng.random()
+        if not g.any():
+            continue
+        m = mask_metrics(a, g, with_hd95=False)
+        assert m["jaccard"] <= m["tpr"] + 1e-12 and m["jaccard"] <= m["dice"] + 1e-12
+
+
+HD_CASES = [
+    (_a([[1, 0, 0, 0]]), _a([[0, 0, 0, 1]]), 3.0),
+    (_a([[1, 1], [1, 1]]), _a([[1, 1], [1, 1]]), 0.0),
+    (_a([[0, 0], [0, 0]]), _a([[1, 0], [0, 0]]), NAN),
+]
+
+
+@pytest.mark.parametrize("pred,truth,expected", HD_CASES)
+def test_hd95_by_hand(pred, truth, expected):
+    got = hd95(pred, truth)
+    assert math.isnan(got) if math.isnan(expected) else got == pytest.approx(expected)
+
+
+def test_aggregate_reports_lesion_and_normal_images_apart():
+    rows = [mask_metrics(*c[1:3]) for c in CASES]
+    agg = aggregate_mask_metrics(rows)
+    assert agg["lesion_images"]["n"] == 5 and agg["normal_images"]["n"] == 2
+    assert agg["lesion_images"]["dice"]["mean"] == pytest.approx((0.5 + 1 + 0.4 + 0 + 0) / 5)
+    assert agg["normal_images"]["share_predicted_empty"] == 0.5
+    assert agg["lesion_images"]["hd95_undefined"] == 1  # the missed lesion
+
+
+def test_choose_threshold_picks_the_best_dice():
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:2, :2] = 1
+    prob = np.where(truth > 0, 0.4, 0.1).astype(np.float32)  # right shape, low confidence
+    best, scores = choose_threshold([("a", "", prob, truth)])
+    assert best <= 0.4 and scores[best] == pytest.approx(1.0)
+    assert scores[0.5] == 0.0

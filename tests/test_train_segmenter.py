@@ -1,0 +1,124 @@
+"""`tf-bus train-segmenter` / `evaluate-segmenter` end to end with a tiny U-Net on synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from tf_bus.config import ConfigError, SegmenterConfig
+from tf_bus.data.busi import TfBusError
+from tf_bus.training.precision import cpu_has_native_bf16, resolve_precision
+from tf_bus.training.segmentation import load_run_config, train_segmenter
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8", "--quiet"]
+
+
+def tiny_config(**kw) -> SegmenterConfig:
+    base = dict(image_size=(32, 32), depth=2, base_filters=4, batch_size=8, epochs=2, warmup_epochs=0)
+    return SegmenterConfig(**{**base, **kw})
+
+
+def _cli(*args, **popen):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "tf_bus.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    summary = train_segmenter(prepared, run, tiny_config(profile_batches=(1, 2)), verbose=0)
+    return run, summary
+
+
+def test_run_dir_contents(tiny_run):
+    run, summary = tiny_run
+    for name in ("config.json", "best.keras", "last.keras", "history.csv", "history.json"):
+        assert (run / name).is_file(), name
+    assert not (run / "backup").exists(), "BackupAndRestore state is removed once a run finishes"
+    cfg, record = load_run_config(run)
+    assert cfg == tiny_config(profile_batches=(1, 2)) and record["precision"] == resolve_precision("auto")
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_dice" in rows[0]
+    assert summary["epochs_run_in_this_fit"] == 2 and 0 <= summary["best_val_dice"] <= 1
+    model = keras.saving.load_model(run / "best.keras")
+    assert model.output_shape == (None, 32, 32, 1)
+
+
+def test_profiler_trace_and_overlays(tiny_run):
+    run, _ = tiny_run
+    traces = list((run / "logs" / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert list((run / "logs" / "overlays").glob("events.out.tfevents.*"))
+
+
+def test_finished_run_is_not_overwritten_silently(tiny_run, prepared):
+    run, _ = tiny_run
+    with pytest.raises(TfBusError, match="--overwrite"):
+        train_segmenter(prepared, run, tiny_config(), verbose=0)
+
+
+def test_evaluate_cli_schema(tiny_run, prepared):
+    run, _ = tiny_run
+    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared), "--choose-threshold", "--tta")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    result = json.loads((run / "eval_test" / "metrics.json").read_text())
+    assert set(result) == {"settings", "aggregate", "per_image"}
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert len(result["per_image"]) == sum(manifest["counts_before_balancing"]["test"].values())
+    row = next(r for r in result["per_image"] if r["lesion"])
+    assert {"name", "tpr", "fpr", "jaccard", "dice", "precision", "hd95", "fp_area_fraction"} <= set(row)
+    normal = next(r for r in result["per_image"] if not r["lesion"])
+    assert normal["dice"] is None and isinstance(normal["predicted_empty"], bool)
+    assert set(result["aggregate"]) == {"lesion_images", "normal_images"}
+    assert json.loads((run / "threshold.json").read_text())["threshold"] == result["settings"]["threshold"]
+    assert (run / "eval_test" / "overlays.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_run_resumes_from_its_last_epoch(prepared, tmp_path):
+    run = tmp_path / "run"
+    args = ["train-segmenter", "--data", str(prepared), "--out", str(run), "--epochs", "12", "--patience", "0",
+            *TINY]
+    p = _cli(*args)
+    deadline = time.monotonic() + 240
+    history = run / "history.csv"
+    while time.monotonic() < deadline:
+        if history.exists() and len(history.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    done = len(history.read_text().splitlines()) - 1
+    assert 2 <= done < 12, "killed mid-way"
+    assert (run / "backup").exists()
+    p = _cli(*args)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert '"resumed": true' in out
+    epochs = [int(r["epoch"]) for r in csv.DictReader(history.open())]
+    assert epochs[-1] == 11 and len(set(epochs)) == 12, epochs
+    assert epochs[:done] == list(range(done)), "completed epochs kept"
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match="Received: loss='dicey'"):
+        SegmenterConfig(loss="dicey")
+    with pytest.raises(ConfigError, match="profile_batches"):
+        SegmenterConfig(profile_batches=(5, 2))
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                            ("amx_bf16 amx_tile", True)])
+def test_native_bf16_detection(flags, expected):
+    assert cpu_has_native_bf16(f"processor : 0\nflags\t\t: {flags}\n") is expected

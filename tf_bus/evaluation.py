@@ -1,0 +1,262 @@
+"""Offline evaluation (stage 7 of the pipeline): per-image mask metrics, reports, plots.
+
+Mask metrics, for a predicted mask A and a true mask G of one image, at the image's own
+resolution (the prediction is resized back before thresholding):
+
+* TPR = |A∩G| / |G|
+* FPR = |A − G| / |G|    (the STAN paper's definition: false area relative to the true area)
+* Jaccard = |A∩G| / |A∪G|,  Dice = 2|A∩G| / (|A| + |G|),  precision = |A∩G| / |A|
+* HD95: the 95th percentile of the symmetric distances between the two boundaries (px)
+
+Edge cases, by definition:
+
+* G empty (a normal image): TPR, FPR, Jaccard, Dice, precision and HD95 are undefined
+  (NaN) and such images are reported apart: ``fp_area_fraction`` = |A| / image area and
+  ``predicted_empty`` = (|A| = 0).
+* G not empty, A empty: TPR = 0, FPR = 0, Jaccard = 0, Dice = 0, precision = 0 (nothing
+  found), HD95 = NaN (no boundary to measure; counted in ``hd95_undefined``).
+
+Aggregates average lesion images and normal images separately.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+METRIC_KEYS = ("tpr", "fpr", "jaccard", "dice", "precision", "hd95")
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
+    """95th-percentile symmetric boundary distance in pixels; NaN if either is empty."""
+    from scipy import ndimage
+
+    a, g = pred.astype(bool), truth.astype(bool)
+    if not a.any() or not g.any():
+        return math.nan
+    ba, bg = _boundary(a), _boundary(g)
+    da = ndimage.distance_transform_edt(~bg)[ba]  # from A's boundary to G's
+    dg = ndimage.distance_transform_edt(~ba)[bg]
+    return float(np.percentile(np.concatenate([da, dg]), 95))
+
+
+def mask_metrics(pred: np.ndarray, truth: np.ndarray, *, with_hd95: bool = True) -> dict[str, Any]:
+    """Metrics of one binary prediction against one binary truth (any shape, same shape).
+
+    Returns:
+        ``tpr, fpr, jaccard, dice, precision, hd95`` (NaN where undefined, see the module
+        docstring), ``true_area``, ``pred_area`` (pixels), ``fp_area_fraction``,
+        ``predicted_empty``, ``lesion`` (truth not empty).
+    """
+    a = np.asarray(pred).astype(bool)
+    g = np.asarray(truth).astype(bool)
+    if a.shape != g.shape:
+        raise ValueError(f"prediction and truth shapes differ. Received: {a.shape} and {g.shape}")
+    inter = int(np.count_nonzero(a & g))
+    na, ng = int(np.count_nonzero(a)), int(np.count_nonzero(g))
+    union = na + ng - inter
+    out: dict[str, Any] = {"true_area": ng, "pred_area": na, "lesion": ng > 0,
+                           "fp_area_fraction": (na - inter) / a.size, "predicted_empty": na == 0}
+    if ng == 0:
+        out.update({k: math.nan for k in METRIC_KEYS})
+        return out
+    out.update({
+        "tpr": inter / ng,
+        "fpr": (na - inter) / ng,
+        "jaccard": inter / union,
+        "dice": 2 * inter / (na + ng),
+        "precision": inter / na if na else 0.0,
+        "hd95": hd95(a, g) if with_hd95 else math.nan,
+    })
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    v = np.asarray([x for x in values if not math.isnan(x)], np.float64)
+    if not v.size:
+        return {"n": 0}
+    return {"n": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
+            "std": float(v.std()), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+
+
+def aggregate_mask_metrics(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means (and medians, spread) over lesion images; normal images reported apart."""
+    lesion = [r for r in per_image if r["lesion"]]
+    normal = [r for r in per_image if not r["lesion"]]
+    out: dict[str, Any] = {
+        "lesion_images": {"n": len(lesion), **{k: _stats([r[k] for r in lesion]) for k in METRIC_KEYS}},
+        "normal_images": {
+            "n": len(normal),
+            "share_predicted_empty": float(np.mean([r["predicted_empty"] for r in normal])) if normal else None,
+            "fp_area_fraction": _stats([r["fp_area_fraction"] for r in normal]),
+        },
+    }
+    out["lesion_images"]["hd95_undefined"] = sum(1 for r in lesion if math.isnan(r["hd95"]))
+    return out
+
+
+# --------------------------------------------------------------------------- the segmenter
+
+def _truth_paths(data, split: str, splits_file=None) -> dict[str, tuple[str, str]]:
+    """name -> (image path, joined mask paths) for every case of ``split``."""
+    from tf_bus.config import CLASS_NAMES
+    from tf_bus.data.layouts import layout_stem
+    from tf_bus.data.pipeline import detect_layout, list_release, list_segmentation
+
+    kind, root = detect_layout(data, "segmentation")
+    if kind == "segmentation":
+        images, masks = list_segmentation(root, split)
+        from pathlib import Path
+
+        return {Path(i).stem: (i, m) for i, m in zip(images, masks)}
+    images, masks, labels = list_release(root, split, splits_file=splits_file)
+    from pathlib import Path
+
+    return {layout_stem(f"{CLASS_NAMES[l]}/{Path(i).stem}"): (i, m) for i, m, l in zip(images, masks, labels)}
+
+
+def predict_split(run_dir, data, split: str, *, tta: bool = False, splits_file=None):
+    """Predicts every image of ``split`` at its own resolution.
+
+    Returns:
+        A list of ``(name, image_path, probabilities (H, W) float32, truth (H, W) uint8)``.
+    """
+    import tensorflow as tf
+
+    from tf_bus.data.busi import load_mask
+    from tf_bus.data.pipeline import segmentation_dataset
+    from tf_bus.training.segmentation import load_best_model, load_run_config, loader_config
+
+    cfg, _ = load_run_config(run_dir)
+    model = load_best_model(run_dir)
+    paths = _truth_paths(data, split, splits_file)
+    ds = segmentation_dataset(data, split, loader_config(cfg, shuffle=False, augment=False, cache=False),
+                              training=False, include_names=True, splits_file=splits_file)
+    out = []
+    for x, _, names in ds:
+        prob = model.predict_on_batch(x)
+        if tta:
+            prob = (np.asarray(prob) + np.asarray(model.predict_on_batch(tf.reverse(x, [2])))[:, :, ::-1]) / 2.0
+        prob = np.asarray(prob, np.float32)
+        for p, name in zip(prob, names.numpy()):
+            name = name.decode()
+            image_path, mask_paths = paths[name]
+            truth = load_mask(tuple(mask_paths.split("\n")))
+            full = tf.image.resize(p, truth.shape, method="bilinear").numpy()[..., 0]
+            out.append((name, image_path, full, truth))
+    return out
+
+
+def choose_threshold(predictions, candidates=None) -> tuple[float, dict[str, float]]:
+    """The threshold with the best mean Dice over lesion images (ties: nearest 0.5)."""
+    candidates = candidates or [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]
+    scores = {}
+    for t in candidates:
+        dices = [mask_metrics(p >= t, g, with_hd95=False)["dice"] for _, _, p, g in predictions if g.any()]
+        scores[t] = float(np.mean(dices)) if dices else 0.0
+    best = max(candidates, key=lambda t: (round(scores[t], 4), -abs(t - 0.5)))
+    return best, scores
+
+
+def _overlay_grid(rows, path) -> None:
+    """rows: (name, image path, prediction mask, truth mask, dice) -> PNG grid."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(rows)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n), squeeze=False, constrained_layout=True)
+    for r, (name, image_path, pred, truth, dice) in enumerate(rows):
+        with Image.open(image_path) as im:
+            grey = np.asarray(im.convert("L"))
+        title = f"{name}" + ("" if math.isnan(dice) else f"  Dice {dice:.2f}")
+        for c, (img, label) in enumerate(((None, title), (truth, "truth"), (pred, "prediction"))):
+            ax = axes[r, c]
+            ax.imshow(grey, cmap="gray")
+            if img is not None and img.any():
+                ax.contour(img, levels=[0.5], colors="lime" if c == 1 else "red", linewidths=1)
+            ax.set_title(label, fontsize=7)
+            ax.axis("off")
+    tmp = str(path) + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def evaluate_segmenter(
+    run_dir,
+    data,
+    split: str = "test",
+    *,
+    tta: bool = False,
+    threshold: float | None = None,
+    choose_on_validation: bool = False,
+    splits_file=None,
+    max_overlays: int = 12,
+) -> dict[str, Any]:
+    """Evaluates RUN_DIR's best model on ``split``; writes ``RUN_DIR/eval_<split>/``.
+
+    Threshold: ``threshold`` if given; else, with ``choose_on_validation``, the best on the
+    validation split (saved to ``RUN_DIR/threshold.json``); else a saved
+    ``threshold.json``; else the run's config threshold.
+
+    Returns:
+        ``{"settings", "aggregate", "per_image"}`` as saved in ``metrics.json``; also
+        ``overlays.png`` (image, truth, prediction for lesion images across the Dice range
+        and a few normal images).
+    """
+    import json
+    from pathlib import Path
+
+    from tf_bus.io import write_json_atomic
+    from tf_bus.training.segmentation import load_run_config
+
+    run_dir = Path(run_dir)
+    cfg, _ = load_run_config(run_dir)
+    saved = run_dir / "threshold.json"
+    chosen_scores = None
+    if threshold is None and choose_on_validation:
+        val = predict_split(run_dir, data, "validation", tta=tta, splits_file=splits_file)
+        threshold, chosen_scores = choose_threshold(val)
+        write_json_atomic(saved, {"threshold": threshold, "tta": tta, "validation_mean_dice": chosen_scores})
+    elif threshold is None and saved.exists():
+        threshold = float(json.loads(saved.read_text())["threshold"])
+    elif threshold is None:
+        threshold = cfg.threshold
+    preds = predict_split(run_dir, data, split, tta=tta, splits_file=splits_file)
+    per_image = []
+    for name, _, prob, truth in preds:
+        m = mask_metrics(prob >= threshold, truth)
+        per_image.append({"name": name, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                           for k, v in m.items()}})
+    agg = aggregate_mask_metrics([{**r, **{k: (math.nan if r[k] is None else r[k]) for k in METRIC_KEYS}}
+                                  for r in per_image])
+    out_dir = run_dir / f"eval_{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "settings": {"split": split, "threshold": threshold, "tta": tta, "data": str(data),
+                     "threshold_scores_on_validation": chosen_scores},
+        "aggregate": agg,
+        "per_image": per_image,
+    }
+    write_json_atomic(out_dir / "metrics.json", result)
+    lesion = sorted((p for p in zip(preds, per_image) if p[1]["lesion"]), key=lambda p: p[1]["dice"])
+    picks = [lesion[int(round(i))] for i in np.linspace(0, len(lesion) - 1, min(max_overlays, len(lesion)))] if lesion else []
+    normals = [p for p in zip(preds, per_image) if not p[1]["lesion"]][:3]
+    rows = [(r["name"], pr[1], pr[2] >= threshold, pr[3], math.nan if r["dice"] is None else r["dice"])
+            for pr, r in picks + normals]
+    if rows:
+        _overlay_grid(rows, out_dir / "overlays.png")
+    return result

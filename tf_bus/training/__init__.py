@@ -1,0 +1,1 @@
+"""Training: the segmenter (and, next, the classifier and tuner), callbacks, precision."""

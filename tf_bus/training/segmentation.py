@@ -1,0 +1,193 @@
+"""Training the U-Net (stage 6 of the pipeline): `tf-bus train-segmenter`.
+
+RUN_DIR after a run::
+
+    config.json      the SegmenterConfig used, the data path, versions
+    best.keras       the model with the best validation Dice
+    last.keras       the model at the last epoch
+    history.csv      per-epoch metrics (CSVLogger; appended on resume)
+    history.json     the same, plus wall time and images/s
+    logs/            TensorBoard: scalars, overlays, profiler trace (--profile-batches)
+    backup/          BackupAndRestore state while a run is unfinished
+
+Starting again with the same RUN_DIR after a kill resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+import tf_bus
+from tf_bus.config import LoaderConfig, SegmenterConfig
+from tf_bus.data.busi import TfBusError
+from tf_bus.io import write_json_atomic
+from tf_bus.models.losses import get_loss
+from tf_bus.models.metrics import DiceScore, IoUScore
+from tf_bus.models.unet import UNet
+from tf_bus.training.callbacks import MaskOverlays, TimeBudget
+from tf_bus.training.precision import set_precision
+
+
+def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
+    """The loader settings a segmenter run uses (one place, for training and evaluation)."""
+    base = dict(image_size=config.image_size, channels=config.channels, scale="unit",
+                batch_size=config.batch_size, seed=config.seed)
+    return LoaderConfig(**{**base, **overrides})
+
+
+def build_segmenter(config: SegmenterConfig) -> UNet:
+    return UNet(image_size=config.image_size, channels=config.channels, depth=config.depth,
+                base_filters=config.base_filters, batch_norm=config.batch_norm, dropout=config.dropout,
+                upsampling=config.upsampling, padding=config.padding, name="unet")
+
+
+def _optimizer(config: SegmenterConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    lr: Any = config.learning_rate
+    if config.schedule == "cosine":
+        warmup = config.warmup_epochs * steps_per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=config.learning_rate * 0.01 if warmup else config.learning_rate,
+            decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+            alpha=0.01,
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    if config.weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool) -> bool:
+    """Returns True when the run resumes. Refuses a finished run or a changed config."""
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        return False
+    old = json.loads(saved.read_text())
+    if (run_dir / "backup").exists():
+        if old.get("config") != record["config"] or old.get("data") != record["data"]:
+            raise TfBusError(
+                f"{run_dir}: holds an unfinished run with another config or data; resume it with the "
+                "same flags, or pass another --out."
+            )
+        return True
+    if not overwrite:
+        raise TfBusError(f"{run_dir}: holds a finished run. Pass --overwrite to replace it, or another --out.")
+    for name in ("best.keras", "last.keras", "history.csv", "history.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    return False
+
+
+def train_segmenter(
+    data: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: SegmenterConfig | None = None,
+    *,
+    splits_file: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+) -> dict[str, Any]:
+    """Trains a U-Net and writes RUN_DIR (see the module docstring).
+
+    Args:
+        data: a `tf-bus prepare` output, the segmentation layout, or the raw release.
+        run_dir: output folder; an unfinished run there is resumed.
+        config: the run's settings.
+        splits_file: with a raw release, the split to use (default: computed).
+        overwrite: replace a finished run in ``run_dir``.
+        verbose: Keras ``fit`` verbosity (1: progress bar).
+
+    Returns:
+        A summary dict (best validation Dice and its epoch, epochs run, wall time,
+        training images/s, precision), also saved in ``history.json``.
+    """
+    from tf_bus.data.pipeline import count_segmentation_examples, segmentation_dataset
+
+    config = config or SegmenterConfig()
+    run_dir = Path(run_dir).expanduser().resolve()
+    record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
+              "splits_file": str(splits_file) if splits_file else None}
+    resuming = _check_run_dir(run_dir, record, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    policy = set_precision(config.precision)
+    keras.utils.set_random_seed(config.seed)
+
+    train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment),
+                                    training=True, splits_file=splits_file)
+    val_ds = segmentation_dataset(data, "validation", loader_config(config), training=False,
+                                  splits_file=splits_file)
+    steps = int(train_ds.cardinality())
+    n_train = count_segmentation_examples(data, "train", splits_file=splits_file)
+    val_images, val_masks = next(iter(val_ds))
+
+    model = build_segmenter(config)
+    model.compile(optimizer=_optimizer(config, steps), loss=get_loss(config.loss),
+                  metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
+    write_json_atomic(run_dir / "config.json", {
+        **record, "precision": policy, "tf_bus_version": tf_bus.__version__,
+        "keras_version": keras.__version__, "parameters": model.count_params(),
+    })
+    logs = run_dir / "logs"
+    budget = TimeBudget(config.time_budget_minutes)
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_dice", mode="max",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
+        keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
+                                    update_freq="epoch"),
+        MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
+        budget,
+    ]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
+                                                       patience=config.early_stopping_patience))
+    if config.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5,
+                                                           min_lr=config.learning_rate * 0.01))
+    t0 = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                        verbose=verbose, shuffle=False)  # the dataset shuffles itself
+    wall = time.perf_counter() - t0
+    model.save(run_dir / "last.keras")
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    epochs_run = len(hist.get("loss", []))
+    best_epoch = int(np.argmax(hist["val_dice"])) if hist.get("val_dice") else None
+    summary = {
+        "best_val_dice": max(hist["val_dice"]) if hist.get("val_dice") else None,
+        "best_epoch_in_this_fit": None if best_epoch is None else best_epoch + 1,
+        "epochs_run_in_this_fit": epochs_run,
+        "resumed": resuming,
+        "stopped_by_time_budget": budget.stopped_epoch is not None,
+        "wall_seconds": round(wall, 1),
+        "train_images_per_second": round(epochs_run * n_train / wall, 2) if wall > 0 and epochs_run else None,
+        "precision": policy,
+    }
+    write_json_atomic(run_dir / "history.json", {"summary": summary, "history": hist})
+    keras.mixed_precision.set_global_policy("float32")
+    return summary
+
+
+def load_run_config(run_dir: str | os.PathLike) -> tuple[SegmenterConfig, dict[str, Any]]:
+    """The SegmenterConfig (and the whole record) saved in RUN_DIR/config.json."""
+    p = Path(run_dir) / "config.json"
+    try:
+        record = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise TfBusError(f"{p}: missing; is {run_dir} a `tf-bus train-segmenter` run folder?") from None
+    return SegmenterConfig.from_dict(record["config"]), record
+
+
+def load_best_model(run_dir: str | os.PathLike) -> keras.Model:
+    p = Path(run_dir) / "best.keras"
+    if not p.exists():
+        p = Path(run_dir) / "last.keras"
+    if not p.exists():
+        raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first (tf-bus train-segmenter).")
+    return keras.saving.load_model(p)
