@@ -23,3 +23,15 @@ def test_loader_benchmark_prints_json(synthetic_release):
         assert out[key] > 0
     ratio = out["loader_cached_epoch_images_per_s"] / out["baseline_pil_loop_images_per_s"]
     assert abs(out["speedup_cached"] - ratio) <= 0.01 * ratio + 0.01
+
+
+def test_segmenter_training_benchmark_prints_json():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "segmenter_training.py"), "--size", "32", "--base-filters", "4",
+         "--depth", "2", "--batch", "2", "--steps", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"]["float32"]
+    # 32x32, depth 2, 4 filters: the first conv alone is 2*32*32*9*1*4 FLOPs.
+    assert res["forward_gflops_per_image"] > 2 * 32 * 32 * 9 * 4 / 1e9
+    assert res["train_images_per_s"] > 0 and 0 < res["utilisation_of_peak"]

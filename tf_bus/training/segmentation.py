@@ -152,10 +152,13 @@ def train_segmenter(
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5,
                                                            min_lr=config.learning_rate * 0.01))
     t0 = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=verbose, shuffle=False)  # the dataset shuffles itself
+    try:
+        history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                            verbose=verbose, shuffle=False)  # the dataset shuffles itself
+        model.save(run_dir / "last.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     wall = time.perf_counter() - t0
-    model.save(run_dir / "last.keras")
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     epochs_run = len(hist.get("loss", []))
     best_epoch = int(np.argmax(hist["val_dice"])) if hist.get("val_dice") else None
@@ -170,7 +173,6 @@ def train_segmenter(
         "precision": policy,
     }
     write_json_atomic(run_dir / "history.json", {"summary": summary, "history": hist})
-    keras.mixed_precision.set_global_policy("float32")
     return summary
 
 

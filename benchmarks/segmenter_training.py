@@ -1,0 +1,115 @@
+"""U-Net training throughput and FLOP utilisation, against this machine's matmul peak.
+
+In one process: (1) the peak, as the best of several large ``tf.matmul`` runs in float32
+(and bfloat16 where asked); (2) ``model.fit`` steps of the default U-Net (or the given
+size) on in-memory data, per precision. Model FLOPs are counted analytically from the
+convolution layers (multiply-add = 2 FLOPs; a training step = 3x the forward pass).
+Prints JSON.
+
+    python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def conv_flops(model) -> float:
+    """Forward FLOPs of one image through the model's (transposed) convolutions."""
+    import keras
+
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            _, h, w, cin = layer.input.shape
+            kh, kw = layer.kernel_size
+            total += 2.0 * h * w * kh * kw * cin * layer.filters
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            cin = layer.input.shape[-1]
+            kh, kw = layer.kernel_size
+            total += 2.0 * h * w * kh * kw * cin * cout
+    return total
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    b = tf.random.uniform((n, n), dtype=tf.float32)
+    if dtype == "bfloat16":
+        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+    f = tf.function(lambda x, y: tf.matmul(x, y))
+    f(a, b).numpy()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).numpy()
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def train_rate(size: int, base: int, depth: int, batch: int, steps: int, precision: str) -> tuple[float, float]:
+    import keras
+
+    from tf_bus.models.losses import get_loss
+    from tf_bus.models.unet import UNet
+
+    keras.mixed_precision.set_global_policy(precision)
+    model = UNet((size, size), 1, depth=depth, base_filters=base)
+    model.compile(optimizer="adamw", loss=get_loss("bce_dice"), jit_compile=False)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch * steps, size, size, 1), np.float32)
+    y = (rng.random((batch * steps, size, size, 1)) > 0.9).astype(np.float32)
+    model.fit(x[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # trace
+    t = time.perf_counter()
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    rate = batch * steps / (time.perf_counter() - t)
+    flops = conv_flops(model)
+    keras.mixed_precision.set_global_policy("float32")
+    return rate, flops
+
+
+def main() -> None:
+    from tf_bus.config import SegmenterConfig
+
+    d = SegmenterConfig()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=d.image_size[0], help="square input side (default: the CLI's)")
+    ap.add_argument("--base-filters", type=int, default=d.base_filters, help="U-Net base filters (default: the CLI's)")
+    ap.add_argument("--depth", type=int, default=d.depth, help="U-Net depth (default: the CLI's)")
+    ap.add_argument("--batch", type=int, default=d.batch_size, help="batch size (default: the CLI's)")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
+    ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
+    args = ap.parse_args()
+
+    import tensorflow as tf
+
+    from tf_bus.training.precision import cpu_has_native_bf16
+
+    out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
+           "depth": args.depth, "batch": args.batch, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
+           "native_bf16": cpu_has_native_bf16(), "results": {}}
+    for precision in args.precisions.split(","):
+        peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
+        rate, flops = train_rate(args.size, args.base_filters, args.depth, args.batch, args.steps, precision)
+        achieved = rate * 3.0 * flops
+        out["results"][precision] = {
+            "train_images_per_s": round(rate, 2),
+            "forward_gflops_per_image": round(flops / 1e9, 4),
+            "achieved_gflop_per_s": round(achieved / 1e9, 1),
+            "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
+            "utilisation_of_peak": round(achieved / peak, 3),
+        }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
