@@ -271,7 +271,7 @@ class SegmenterConfig:
     upsampling: str = "transpose"
     padding: str = "same"
     loss: str = "bce_dice"
-    epochs: int = 80
+    epochs: int = 45
     batch_size: int = 8
     learning_rate: float = 2e-3
     schedule: str = "cosine"
