@@ -22,6 +22,7 @@ Aggregates average lesion images and normal images separately.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,12 +115,8 @@ def _truth_paths(data, split: str, splits_file=None) -> dict[str, tuple[str, str
     kind, root = detect_layout(data, "segmentation")
     if kind == "segmentation":
         images, masks = list_segmentation(root, split)
-        from pathlib import Path
-
         return {Path(i).stem: (i, m) for i, m in zip(images, masks)}
     images, masks, labels = list_release(root, split, splits_file=splits_file)
-    from pathlib import Path
-
     return {layout_stem(f"{CLASS_NAMES[l]}/{Path(i).stem}"): (i, m) for i, m, l in zip(images, masks, labels)}
 
 
@@ -218,7 +215,6 @@ def evaluate_segmenter(
         and a few normal images).
     """
     import json
-    from pathlib import Path
 
     from tf_bus.io import write_json_atomic
     from tf_bus.training.segmentation import load_run_config
