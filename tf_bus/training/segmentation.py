@@ -32,6 +32,7 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import MaskOverlays, TimeBudget
+from tf_bus.training.common import check_run_dir, make_optimizer
 from tf_bus.training.precision import set_precision
 
 
@@ -46,42 +47,6 @@ def build_segmenter(config: SegmenterConfig) -> UNet:
     return UNet(image_size=config.image_size, channels=config.channels, depth=config.depth,
                 base_filters=config.base_filters, batch_norm=config.batch_norm, dropout=config.dropout,
                 upsampling=config.upsampling, padding=config.padding, name="unet")
-
-
-def _optimizer(config: SegmenterConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    lr: Any = config.learning_rate
-    if config.schedule == "cosine":
-        warmup = config.warmup_epochs * steps_per_epoch
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=config.learning_rate * 0.01 if warmup else config.learning_rate,
-            decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
-            alpha=0.01,
-            warmup_target=config.learning_rate if warmup else None,
-            warmup_steps=warmup,
-        )
-    if config.weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(learning_rate=lr)
-
-
-def _check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool) -> bool:
-    """Returns True when the run resumes. Refuses a finished run or a changed config."""
-    saved = run_dir / "config.json"
-    if not saved.exists():
-        return False
-    old = json.loads(saved.read_text())
-    if (run_dir / "backup").exists():
-        if old.get("config") != record["config"] or old.get("data") != record["data"]:
-            raise TfBusError(
-                f"{run_dir}: holds an unfinished run with another config or data; resume it with the "
-                "same flags, or pass another --out."
-            )
-        return True
-    if not overwrite:
-        raise TfBusError(f"{run_dir}: holds a finished run. Pass --overwrite to replace it, or another --out.")
-    for name in ("best.keras", "last.keras", "history.csv", "history.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    return False
 
 
 def train_segmenter(
@@ -113,7 +78,7 @@ def train_segmenter(
     run_dir = Path(run_dir).expanduser().resolve()
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
-    resuming = _check_run_dir(run_dir, record, overwrite)
+    resuming = check_run_dir(run_dir, record, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -127,7 +92,8 @@ def train_segmenter(
     val_images, val_masks = next(iter(val_ds))
 
     model = build_segmenter(config)
-    model.compile(optimizer=_optimizer(config, steps), loss=get_loss(config.loss),
+    model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
+                                            config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
                   metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
     write_json_atomic(run_dir / "config.json", {
         **record, "precision": policy, "tf_bus_version": tf_bus.__version__,

@@ -1,0 +1,54 @@
+"""Helpers every trainer shares: the optimizer and schedule, RUN_DIR bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from tf_bus.data.busi import TfBusError
+
+
+def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epochs: int,
+                   steps_per_epoch: int, weight_decay: float) -> keras.optimizers.Optimizer:
+    """AdamW (Adam when ``weight_decay`` is 0) with a ``cosine`` (linear warm-up, then
+    cosine decay to 1%), or a constant learning rate (``plateau``/``constant``: the
+    ReduceLROnPlateau callback does the rest)."""
+    lr: Any = learning_rate
+    if schedule == "cosine":
+        warmup = warmup_epochs * steps_per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=learning_rate * 0.01 if warmup else learning_rate,
+            decay_steps=max(1, epochs * steps_per_epoch - warmup),
+            alpha=0.01,
+            warmup_target=learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    if weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
+                  outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json")) -> bool:
+    """Returns True when the run in ``run_dir`` resumes (an unfinished run with the same
+    config and data). Refuses a finished run unless ``overwrite`` (then removes its
+    ``outputs``) and an unfinished run with another config."""
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        return False
+    old = json.loads(saved.read_text())
+    if (run_dir / "backup").exists():
+        if old.get("config") != record["config"] or old.get("data") != record["data"]:
+            raise TfBusError(
+                f"{run_dir}: holds an unfinished run with another config or data; resume it with the "
+                "same flags, or pass another --out."
+            )
+        return True
+    if not overwrite:
+        raise TfBusError(f"{run_dir}: holds a finished run. Pass --overwrite to replace it, or another --out.")
+    for name in outputs:
+        (run_dir / name).unlink(missing_ok=True)
+    return False
