@@ -13,7 +13,7 @@ import pytest
 
 from tf_bus.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda"]
+SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier"]
 
 
 def _run(*args, cwd=None):

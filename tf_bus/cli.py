@@ -299,6 +299,81 @@ def _cmd_evaluate_segmenter(args) -> int:
     return 0
 
 
+def _add_train_classifier(sub) -> None:
+    from tf_bus.config import PRECISIONS, ClassifierConfig
+
+    d = ClassifierConfig()
+    p = sub.add_parser("train-classifier", help="fine-tune (or train from scratch) the ResNet classifier",
+                       description="Train a ResNet50/101 benign/malignant/normal classifier on DIR and write RUN_DIR "
+                                   "(config.json, best.keras on validation macro-F1, last.keras, history, logs/). "
+                                   "With pre-trained weights: head first (backbone frozen), then the top stages. "
+                                   "Starting again with the same --out after a kill resumes.")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a `tf-bus prepare` output, its classification/ layout, or a raw Dataset_BUSI_with_GT")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (resumed if unfinished)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use")
+    p.add_argument("--backbone", choices=("resnet50", "resnet101"), default=d.backbone, help=f"backbone (default: {d.backbone})")
+    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH",
+                   help="backbone weights: imagenet (downloaded by Keras), none (from scratch), or a local "
+                        "include_top=False weights file (default: none)")
+    p.add_argument("--image-size", type=_size, default=d.image_size, metavar="H,W",
+                   help=f"input size, at least 32 (default: {d.image_size[0]},{d.image_size[1]})")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
+                   help=f"input channels; grey is replicated inside the model (default: {d.channels})")
+    p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout before the softmax (default: {d.dropout})")
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs,
+                   help=f"with pre-trained weights: epochs of head-only training (default: {d.head_epochs})")
+    p.add_argument("--fine-tune-stages", type=int, default=d.fine_tune_stages,
+                   help=f"with pre-trained weights: top residual stages unfrozen after the head phase, 0-5 (default: {d.fine_tune_stages})")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"total epochs, both phases (default: {d.epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help=f"learning rate of the head phase and of from-scratch training (default: {d.learning_rate})")
+    p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
+                   help=f"learning rate after unfreezing (default: {d.fine_tune_learning_rate})")
+    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
+                   help=f"learning-rate schedule (default: {d.schedule})")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--balance", choices=("layout", "class_weights", "sampling"), default=d.balance,
+                   help="layout: the offline-balanced train split of a prepared layout (class weights for a raw "
+                        "release); class_weights; sampling: classes drawn equally (default: layout)")
+    p.add_argument("--no-augment", action="store_true", help="turn off augmentation of the training split")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16, else float32 (default: auto)")
+    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
+                   help=f"early stopping on validation macro-F1, 0 disables (default: {d.early_stopping_patience})")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
+                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default: {d.seed})")
+    p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
+                   help="write a TensorBoard profiler trace of these training batches (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+    p.set_defaults(func=_cmd_train_classifier)
+
+
+def _cmd_train_classifier(args) -> int:
+    from tf_bus.config import ClassifierConfig
+    from tf_bus.training.classification import train_classifier
+
+    config = ClassifierConfig(
+        backbone=args.backbone, weights=None if args.weights.lower() == "none" else args.weights,
+        image_size=args.image_size, channels=args.channels, dropout=args.dropout, head_epochs=args.head_epochs,
+        fine_tune_stages=args.fine_tune_stages, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
+        schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, balance=args.balance, augment=not args.no_augment,
+        precision=args.precision, early_stopping_patience=args.patience, time_budget_minutes=args.time_budget,
+        seed=args.seed, profile_batches=args.profile_batches,
+    )
+    summary = train_classifier(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
+                               verbose=2 if args.quiet else 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-bus",
@@ -308,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
-                _add_evaluate_segmenter):
+                _add_evaluate_segmenter, _add_train_classifier):
         add(sub)
     return parser
 

@@ -316,3 +316,84 @@ class SegmenterConfig:
         if unknown:
             raise ConfigError(f"Unknown segmenter config field(s) {sorted(unknown)}. Known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass
+class ClassifierConfig:
+    """`tf-bus train-classifier`: backbone, weights, fine-tuning, data. Saved as RUN_DIR/config.json.
+
+    Args:
+        backbone: ``resnet50`` or ``resnet101``.
+        weights: ``imagenet``, a path to a local backbone weights file, or None (from scratch).
+        image_size: (height, width) of the input.
+        channels: 1 (grey, replicated inside the model) or 3.
+        dropout: dropout before the softmax.
+        head_epochs: phase 1 with pre-trained weights: epochs training the head only.
+        fine_tune_stages: phase 2 with pre-trained weights: top residual stages unfrozen
+            (BatchNorm stays frozen). From scratch every stage trains.
+        epochs: total epochs (both phases).
+        batch_size: global batch size.
+        learning_rate: learning rate of the head phase and of from-scratch training.
+        fine_tune_learning_rate: learning rate of phase 2 with pre-trained weights.
+        schedule, warmup_epochs, weight_decay: as for the segmenter.
+        label_smoothing: label smoothing of the cross-entropy.
+        balance: ``layout`` (use the offline-balanced train split of a prepared layout;
+            class weights for a raw release), ``class_weights`` or ``sampling``
+            (classes drawn equally).
+        augment, precision, early_stopping_patience, time_budget_minutes, seed,
+        profile_batches: as for the segmenter (early stopping on validation macro-F1).
+    """
+
+    backbone: str = "resnet50"
+    weights: str | None = None
+    image_size: tuple[int, int] = (128, 128)
+    channels: int = 1
+    dropout: float = 0.3
+    head_epochs: int = 3
+    fine_tune_stages: int = 2
+    epochs: int = 30
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    balance: str = "layout"
+    augment: bool = True
+    precision: str = "auto"
+    early_stopping_patience: int = 10
+    time_budget_minutes: float = 43.0
+    seed: int = 1337
+    profile_batches: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        if self.profile_batches is not None:
+            self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[assignment]
+        if self.backbone not in ("resnet50", "resnet101"):
+            raise ConfigError(f"`backbone` must be resnet50 or resnet101. Received: backbone={self.backbone!r}")
+        if min(self.image_size) < 32:
+            raise ConfigError(f"`image_size` must be at least 32x32 for a ResNet. Received: image_size={self.image_size}")
+        if not 0 <= self.fine_tune_stages <= 5:
+            raise ConfigError(f"`fine_tune_stages` must be within 0..5. Received: fine_tune_stages={self.fine_tune_stages}")
+        if self.balance not in ("layout", "class_weights", "sampling"):
+            raise ConfigError(f"`balance` must be layout, class_weights or sampling. Received: balance={self.balance!r}")
+        if self.schedule not in ("cosine", "plateau", "constant"):
+            raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown classifier config field(s) {sorted(unknown)}. Known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,60 @@
+"""`train-classifier` with tiny inputs: from scratch and two-phase fine-tuning from a local file."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import keras
+import pytest
+
+from tf_bus.config import ClassifierConfig, ConfigError
+from tf_bus.data.busi import TfBusError
+from tf_bus.training.classification import train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(**kw) -> ClassifierConfig:
+    base = dict(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0)
+    return ClassifierConfig(**{**base, **kw})
+
+
+def test_from_scratch_with_class_weights(prepared, tmp_path):
+    run = tmp_path / "run"
+    summary = train_classifier(prepared, run, tiny(balance="class_weights"), verbose=0)
+    assert summary["epochs_run_in_this_fit"] == 1 and summary["head_epochs"] == 0
+    assert 0.0 <= summary["best_val_f1"] <= 1.0
+    for name in ("config.json", "best.keras", "last.keras", "history.csv", "history.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["balance_used"] == "class_weights"
+    model = keras.saving.load_model(run / "best.keras")
+    assert model.output_shape == (None, 3)
+
+
+def test_two_phase_fine_tuning_from_a_local_weights_file(prepared, tmp_path):
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    weights = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(weights)
+    run = tmp_path / "run"
+    cfg = tiny(weights=str(weights), head_epochs=1, epochs=2, balance="sampling")
+    summary = train_classifier(prepared, run, cfg, verbose=0)
+    assert summary["head_epochs"] == 1 and summary["epochs_run_in_this_fit"] == 2
+    assert (run / "head.weights.h5").is_file()
+    epochs = [int(r["epoch"]) for r in csv.DictReader((run / "history.csv").open())]
+    assert epochs == [0, 1], "the fine-tuning phase continues the epoch count"
+    with pytest.raises(TfBusError, match="--overwrite"):
+        train_classifier(prepared, run, cfg, verbose=0)
+
+
+def test_bad_weights_fail_before_any_training(prepared, tmp_path):
+    with pytest.raises(TfBusError, match="no such weights file"):
+        train_classifier(prepared, tmp_path / "run", tiny(weights=str(tmp_path / "missing.h5")), verbose=0)
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(backbone="vgg16"), "backbone"), (dict(image_size=(16, 16)), "image_size"),
+                                          (dict(fine_tune_stages=7), "fine_tune_stages"), (dict(balance="x"), "balance")])
+def test_bad_classifier_config(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        ClassifierConfig(**kwargs)

@@ -1,0 +1,175 @@
+"""Training the ResNet classifier (stage 6b of the pipeline): `tf-bus train-classifier`.
+
+With pre-trained weights (``imagenet`` or a local file) training has two phases, as the
+Keras fine-tuning guide does it: the head alone for ``head_epochs`` with the backbone
+frozen, then the top ``fine_tune_stages`` residual stages at ``fine_tune_learning_rate``
+(BatchNorm stays frozen). From scratch, every layer trains from the start.
+
+RUN_DIR holds the same files as a segmenter run (config.json, best.keras on validation
+macro-F1, last.keras, history.csv/json, logs/, backup/ while unfinished) plus
+``head.weights.h5`` once the head phase is done, so a resumed run skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+import tf_bus
+from tf_bus.config import CLASS_NAMES, ClassifierConfig, LoaderConfig
+from tf_bus.io import write_json_atomic
+from tf_bus.models.classifier import build_classifier, set_trainable_stages
+from tf_bus.training.callbacks import TimeBudget
+from tf_bus.training.common import check_run_dir, make_optimizer
+from tf_bus.training.precision import set_precision
+
+
+def loader_config(config: ClassifierConfig, **overrides) -> LoaderConfig:
+    """The loader settings a classifier run uses: raw [0, 255] pixels (the model preprocesses)."""
+    base = dict(image_size=config.image_size, channels=config.channels, scale="raw",
+                batch_size=config.batch_size, seed=config.seed)
+    return LoaderConfig(**{**base, **overrides})
+
+
+def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
+    return ds.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES))), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _compile(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int) -> None:
+    model.compile(
+        optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.F1Score(average="macro", name="f1"),
+                 keras.metrics.AUC(multi_label=True, num_labels=len(CLASS_NAMES), name="auc")],
+        jit_compile=False,
+    )
+
+
+def train_classifier(
+    data: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: ClassifierConfig | None = None,
+    *,
+    splits_file: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+) -> dict[str, Any]:
+    """Trains the classifier and writes RUN_DIR (see the module docstring).
+
+    Args:
+        data: a `tf-bus prepare` output, its classification layout, or the raw release.
+        run_dir: output folder; an unfinished run there is resumed.
+        config: the run's settings.
+        splits_file: with a raw release, the split to use (default: computed).
+        overwrite: replace a finished run in ``run_dir``.
+        verbose: Keras ``fit`` verbosity.
+
+    Returns:
+        A summary (best validation macro-F1 and accuracy, epochs, wall time, images/s).
+    """
+    from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
+
+    config = config or ClassifierConfig()
+    run_dir = Path(run_dir).expanduser().resolve()
+    record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
+              "splits_file": str(splits_file) if splits_file else None}
+    resuming = check_run_dir(run_dir, record, overwrite, outputs=(
+        "best.keras", "last.keras", "history.csv", "history.json", "head.weights.h5"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    policy = set_precision(config.precision)
+    keras.utils.set_random_seed(config.seed)
+    # Built before any data is read, so a bad --weights fails fast.
+    model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
+
+    kind, root = detect_layout(data, "classification")
+    balance = config.balance
+    if balance == "layout" and kind == "release":
+        balance = "class_weights"
+    include_aug = balance == "layout"
+    if kind == "classification":
+        n_train = len(list_classification(root, "train", include_augmented=include_aug)[0])
+    else:
+        n_train = len(list_release(root, "train", splits_file=splits_file)[0])
+    train_ds = _one_hot(classification_dataset(
+        data, "train", loader_config(config, augment=config.augment), training=True, splits_file=splits_file,
+        balanced=balance == "sampling", include_augmented=include_aug))
+    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config), training=False,
+                                             splits_file=splits_file))
+    steps = math.ceil(n_train / config.batch_size)
+    weights_by_class = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
+    write_json_atomic(run_dir / "config.json", {
+        **record, "precision": policy, "balance_used": balance, "tf_bus_version": tf_bus.__version__,
+        "keras_version": keras.__version__, "parameters": model.count_params(),
+    })
+
+    budget = TimeBudget(config.time_budget_minutes)
+    logs = run_dir / "logs"
+
+    def callbacks(backup: str) -> list[keras.callbacks.Callback]:
+        cbs = [
+            keras.callbacks.BackupAndRestore(str(run_dir / backup)),
+            keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_f1", mode="max",
+                                            save_best_only=True),
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
+            budget,
+        ]
+        if config.early_stopping_patience:
+            cbs.append(keras.callbacks.EarlyStopping(monitor="val_f1", mode="max",
+                                                     patience=config.early_stopping_patience))
+        if config.schedule == "plateau":
+            cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3))
+        return cbs
+
+    fit_kw = dict(validation_data=val_ds, class_weight=weights_by_class, verbose=verbose, shuffle=False,
+                  steps_per_epoch=steps if balance == "sampling" else None)
+    history: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    pretrained = config.weights is not None
+    head_epochs = min(config.head_epochs, config.epochs) if pretrained else 0
+    head_file = run_dir / "head.weights.h5"
+    try:
+        if head_epochs and not head_file.exists():
+            set_trainable_stages(model, 0)
+            _compile(model, config, config.learning_rate, head_epochs, steps)
+            h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
+            for k, v in h.history.items():
+                history.setdefault(k, []).extend(float(x) for x in v)
+            model.save_weights(head_file)
+        elif head_file.exists():
+            model.load_weights(head_file)
+        if not budget.stopped_epoch and head_epochs < config.epochs:
+            set_trainable_stages(model, config.fine_tune_stages if pretrained else 5)
+            lr = config.fine_tune_learning_rate if pretrained else config.learning_rate
+            _compile(model, config, lr, config.epochs - head_epochs, steps)
+            h = model.fit(train_ds, initial_epoch=head_epochs, epochs=config.epochs, callbacks=callbacks("backup"),
+                          **fit_kw)
+            for k, v in h.history.items():
+                history.setdefault(k, []).extend(float(x) for x in v)
+        model.save(run_dir / "last.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    wall = time.perf_counter() - t0
+    epochs_run = len(history.get("loss", []))
+    summary = {
+        "best_val_f1": max(history["val_f1"]) if history.get("val_f1") else None,
+        "best_val_accuracy": max(history["val_accuracy"]) if history.get("val_accuracy") else None,
+        "epochs_run_in_this_fit": epochs_run,
+        "head_epochs": head_epochs,
+        "resumed": resuming,
+        "stopped_by_time_budget": budget.stopped_epoch is not None,
+        "wall_seconds": round(wall, 1),
+        "train_images_per_second": round(epochs_run * steps * config.batch_size / wall, 2) if epochs_run else None,
+        "precision": policy,
+        "balance": balance,
+    }
+    write_json_atomic(run_dir / "history.json", {"summary": summary, "history": history})
+    return summary
