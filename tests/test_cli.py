@@ -13,7 +13,8 @@ import pytest
 
 from tf_bus.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier"]
+SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier",
+               "evaluate-classifier"]
 
 
 def _run(*args, cwd=None):

@@ -80,3 +80,29 @@ def test_choose_threshold_picks_the_best_dice():
     best, scores = choose_threshold([("a", "", prob, truth)])
     assert best <= 0.4 and scores[best] == pytest.approx(1.0)
     assert scores[0.5] == 0.0
+
+
+def test_classification_metrics_by_hand():
+    from tf_bus.evaluation import classification_metrics
+
+    y = [0, 0, 1, 1, 2, 2]
+    # predictions: 0,1 | 1,1 | 2,0  -> confusion [[1,1,0],[0,2,0],[1,0,1]]
+    prob = np.array([[.8, .1, .1], [.3, .6, .1], [.1, .8, .1], [.2, .7, .1], [.1, .1, .8], [.5, .2, .3]])
+    m = classification_metrics(y, prob)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    pc = m["per_class"]
+    assert pc["benign"]["precision"] == pytest.approx(0.5) and pc["benign"]["recall"] == pytest.approx(0.5)
+    assert pc["malignant"]["precision"] == pytest.approx(2 / 3) and pc["malignant"]["recall"] == pytest.approx(1.0)
+    assert pc["normal"]["precision"] == pytest.approx(1.0) and pc["normal"]["recall"] == pytest.approx(0.5)
+    f1 = [0.5, 0.8, 2 / 3]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    # normal vs rest scores: positives .8, .3; negatives .1 .1 .1 .1 -> every positive ranks above: AUC 1
+    assert pc["normal"]["roc_auc_ovr"] == pytest.approx(1.0)
+
+
+def test_auc_of_an_absent_class_is_none():
+    from tf_bus.evaluation import classification_metrics
+
+    m = classification_metrics([0, 1], np.array([[.9, .05, .05], [.2, .7, .1]]))
+    assert m["per_class"]["normal"]["roc_auc_ovr"] is None and m["macro_roc_auc_ovr"] == pytest.approx(1.0)

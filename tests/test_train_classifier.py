@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import pytest
@@ -20,7 +23,7 @@ def tiny(**kw) -> ClassifierConfig:
     return ClassifierConfig(**{**base, **kw})
 
 
-def test_from_scratch_with_class_weights(prepared, tmp_path):
+def test_from_scratch_with_class_weights_then_evaluate(prepared, tmp_path):
     run = tmp_path / "run"
     summary = train_classifier(prepared, run, tiny(balance="class_weights"), verbose=0)
     assert summary["epochs_run_in_this_fit"] == 1 and summary["head_epochs"] == 0
@@ -30,6 +33,16 @@ def test_from_scratch_with_class_weights(prepared, tmp_path):
     assert json.loads((run / "config.json").read_text())["balance_used"] == "class_weights"
     model = keras.saving.load_model(run / "best.keras")
     assert model.output_shape == (None, 3)
+    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "evaluate-classifier", str(run), "--data", str(prepared)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr
+    result = json.loads((run / "eval_test" / "metrics.json").read_text())
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert result["n"] == sum(manifest["counts_before_balancing"]["test"].values()) == len(result["per_image"])
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "macro_roc_auc_ovr"} <= set(result)
+    assert sum(map(sum, result["confusion_matrix"])) == result["n"]
+    for png in ("confusion_matrix.png", "roc.png"):
+        assert (run / "eval_test" / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_two_phase_fine_tuning_from_a_local_weights_file(prepared, tmp_path):

@@ -374,6 +374,26 @@ def _cmd_train_classifier(args) -> int:
     return 0
 
 
+def _add_evaluate_classifier(sub) -> None:
+    p = sub.add_parser("evaluate-classifier", help="accuracy, precision/recall/F1, AUC, confusion matrix",
+                       description="Evaluate RUN_DIR's best classifier on a split (original images only): "
+                                   "metrics.json, confusion_matrix.png and roc.png in RUN_DIR/eval_SPLIT.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-classifier run folder")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepare output, classification layout, or raw release")
+    p.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate (default: test)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split file to use")
+    p.set_defaults(func=_cmd_evaluate_classifier)
+
+
+def _cmd_evaluate_classifier(args) -> int:
+    from tf_bus.evaluation import evaluate_classifier
+
+    res = evaluate_classifier(args.run_dir, args.data, args.split, splits_file=args.splits)
+    print(json.dumps({k: v for k, v in res.items() if k != "per_image"}, indent=2))
+    print(f"metrics.json, confusion_matrix.png, roc.png -> {os.path.join(args.run_dir, 'eval_' + args.split)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-bus",
@@ -383,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
-                _add_evaluate_segmenter, _add_train_classifier):
+                _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier):
         add(sub)
     return parser
 

@@ -256,3 +256,128 @@ def evaluate_segmenter(
     if rows:
         _overlay_grid(rows, out_dir / "overlays.png")
     return result
+
+
+# --------------------------------------------------------------------------- the classifier
+
+def classification_metrics(y_true, probabilities, class_names=None) -> dict[str, Any]:
+    """Accuracy, per-class and macro precision/recall/F1, one-vs-rest ROC AUC, confusion matrix.
+
+    Args:
+        y_true: (N,) int labels.
+        probabilities: (N, C) class probabilities.
+        class_names: names of the C classes (default: benign, malignant, normal).
+
+    Returns:
+        A JSON-ready dict; AUC of a class absent from ``y_true`` is None.
+    """
+    from sklearn import metrics as skm
+
+    from tf_bus.config import CLASS_NAMES
+
+    names = list(class_names or CLASS_NAMES)
+    y_true = np.asarray(y_true, int)
+    prob = np.asarray(probabilities, np.float64)
+    y_pred = prob.argmax(axis=1)
+    labels = list(range(len(names)))
+    p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    auc = {}
+    for k, name in enumerate(names):
+        positives = y_true == k
+        auc[name] = float(skm.roc_auc_score(positives, prob[:, k])) if 0 < positives.sum() < len(y_true) else None
+    defined = [v for v in auc.values() if v is not None]
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "macro_precision": float(np.mean(p)),
+        "macro_recall": float(np.mean(r)),
+        "macro_f1": float(np.mean(f)),
+        "per_class": {name: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                             "support": int(support[k]), "roc_auc_ovr": auc[name]} for k, name in enumerate(names)},
+        "macro_roc_auc_ovr": float(np.mean(defined)) if defined else None,
+        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "class_names": names,
+    }
+
+
+def _classification_plots(y_true, prob, result, out_dir) -> None:
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn import metrics as skm
+
+    names = result["class_names"]
+    cm = np.asarray(result["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.6, 4), constrained_layout=True)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
+    fig.savefig(out_dir / ".confusion_matrix.png")
+    plt.close(fig)
+    os.replace(out_dir / ".confusion_matrix.png", out_dir / "confusion_matrix.png")
+
+    fig, ax = plt.subplots(figsize=(4.6, 4), constrained_layout=True)
+    for k, name in enumerate(names):
+        positives = np.asarray(y_true) == k
+        if 0 < positives.sum() < len(positives):
+            fpr, tpr, _ = skm.roc_curve(positives, np.asarray(prob)[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {result['per_class'][name]['roc_auc_ovr']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one vs rest")
+    ax.legend(fontsize=8)
+    fig.savefig(out_dir / ".roc.png")
+    plt.close(fig)
+    os.replace(out_dir / ".roc.png", out_dir / "roc.png")
+
+
+def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None) -> dict[str, Any]:
+    """Evaluates RUN_DIR's best classifier on ``split`` (original images only, no
+    balancing copies); writes ``RUN_DIR/eval_<split>/metrics.json``,
+    ``confusion_matrix.png`` and ``roc.png``."""
+    import json
+
+    import keras
+
+    from tf_bus.config import ClassifierConfig
+    from tf_bus.data.busi import TfBusError
+    from tf_bus.data.pipeline import classification_dataset
+    from tf_bus.io import write_json_atomic
+    from tf_bus.training.classification import loader_config
+
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a `tf-bus train-classifier` run?") from None
+    cfg = ClassifierConfig.from_dict(record["config"])
+    path = run_dir / "best.keras" if (run_dir / "best.keras").exists() else run_dir / "last.keras"
+    if not path.exists():
+        raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first (tf-bus train-classifier).")
+    model = keras.saving.load_model(path)
+    ds = classification_dataset(data, split, loader_config(cfg, shuffle=False, augment=False, cache=False),
+                                training=False, include_augmented=False, include_names=True, splits_file=splits_file)
+    ys, probs, names = [], [], []
+    for x, y, n in ds:
+        probs.append(np.asarray(model.predict_on_batch(x), np.float64))
+        ys.append(y.numpy())
+        names += [s.decode() for s in n.numpy()]
+    y_true, prob = np.concatenate(ys), np.concatenate(probs)
+    result = classification_metrics(y_true, prob)
+    result["settings"] = {"split": split, "data": str(data), "model": str(path)}
+    result["per_image"] = [{"name": nm, "label": int(t), "probabilities": [round(float(v), 6) for v in pr]}
+                           for nm, t, pr in zip(names, y_true, prob)]
+    out_dir = run_dir / f"eval_{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "metrics.json", result)
+    _classification_plots(y_true, prob, result, out_dir)
+    return result
