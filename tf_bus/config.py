@@ -234,8 +234,42 @@ class LoaderConfig:
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
+class _TrainingConfig:
+    """What every trainer config shares: validation of the common fields, dict round trip."""
+
+    def _check_common(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[attr-defined]
+        if self.profile_batches is not None:  # type: ignore[attr-defined]
+            self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[attr-defined]
+            if len(self.profile_batches) != 2 or not 0 < self.profile_batches[0] <= self.profile_batches[1]:
+                raise ConfigError(
+                    "`profile_batches` must be START,STOP with 0 < START <= STOP. "
+                    f"Received: profile_batches={self.profile_batches}"
+                )
+        if self.schedule not in ("cosine", "plateau", "constant"):  # type: ignore[attr-defined]
+            raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
+        if self.precision not in PRECISIONS:  # type: ignore[attr-defined]
+            raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+        if not self.learning_rate > 0:  # type: ignore[attr-defined]
+            raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown {cls.__name__} field(s) {sorted(unknown)}. Known: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass
-class SegmenterConfig:
+class SegmenterConfig(_TrainingConfig):
     """`tf-bus train-segmenter`: model, loss, optimisation, data. Saved as RUN_DIR/config.json.
 
     Args:
@@ -286,40 +320,13 @@ class SegmenterConfig:
     profile_batches: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
-        if self.profile_batches is not None:
-            self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[assignment]
-            if len(self.profile_batches) != 2 or not 0 < self.profile_batches[0] <= self.profile_batches[1]:
-                raise ConfigError(
-                    "`profile_batches` must be START,STOP with 0 < START <= STOP. "
-                    f"Received: profile_batches={self.profile_batches}"
-                )
+        self._check_common()
         if self.loss not in ("bce", "dice", "bce_dice", "focal_tversky"):
             raise ConfigError(f"`loss` must be bce, dice, bce_dice or focal_tversky. Received: loss={self.loss!r}")
-        if self.schedule not in ("cosine", "plateau", "constant"):
-            raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown segmenter config field(s) {sorted(unknown)}. Known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(_TrainingConfig):
     """`tf-bus train-classifier`: backbone, weights, fine-tuning, data. Saved as RUN_DIR/config.json.
 
     Args:
@@ -368,9 +375,7 @@ class ClassifierConfig:
     profile_batches: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
-        if self.profile_batches is not None:
-            self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[assignment]
+        self._check_common()
         if self.backbone not in ("resnet50", "resnet101"):
             raise ConfigError(f"`backbone` must be resnet50 or resnet101. Received: backbone={self.backbone!r}")
         if min(self.image_size) < 32:
@@ -379,21 +384,3 @@ class ClassifierConfig:
             raise ConfigError(f"`fine_tune_stages` must be within 0..5. Received: fine_tune_stages={self.fine_tune_stages}")
         if self.balance not in ("layout", "class_weights", "sampling"):
             raise ConfigError(f"`balance` must be layout, class_weights or sampling. Received: balance={self.balance!r}")
-        if self.schedule not in ("cosine", "plateau", "constant"):
-            raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown classifier config field(s) {sorted(unknown)}. Known: {sorted(known)}")
-        return cls(**d)
