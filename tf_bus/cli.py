@@ -204,8 +204,39 @@ def _batches(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _add_training_flags(p, d, monitored: str) -> None:
+    """The flags every trainer shares; defaults come from its config ``d``."""
+    from tf_bus.config import PRECISIONS
+
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
+    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
+                   help=f"cosine: warm-up then cosine decay; plateau: halve on a val-loss plateau (default: {d.schedule})")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
+    p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
+    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
+                   help=f"early stopping: epochs without a better {monitored}, 0 disables (default: {d.early_stopping_patience})")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
+                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
+    p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
+                   help="write a TensorBoard profiler trace of these training batches (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+
+
+def _training_kwargs(args) -> dict:
+    """Config fields set by ``_add_training_flags``."""
+    return dict(batch_size=args.batch_size, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+                weight_decay=args.weight_decay, augment=not args.no_augment, precision=args.precision,
+                early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
+                profile_batches=args.profile_batches)
+
+
 def _add_train_segmenter(sub) -> None:
-    from tf_bus.config import PRECISIONS, SegmenterConfig
+    from tf_bus.config import SegmenterConfig
 
     d = SegmenterConfig()
     p = sub.add_parser("train-segmenter", help="train the U-Net lesion segmenter",
@@ -230,25 +261,9 @@ def _add_train_segmenter(sub) -> None:
     p.add_argument("--loss", choices=("bce", "dice", "bce_dice", "focal_tversky"), default=d.loss,
                    help=f"training loss (default: {d.loss})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
-    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
-                   help=f"cosine: warm-up then cosine decay; plateau: halve on a val-loss plateau (default: {d.schedule})")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
-    p.add_argument("--no-augment", action="store_true", help="turn off the paired augmentation of the training split")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
-    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
-                   help=f"early stopping: epochs without a better val Dice, 0 disables (default: {d.early_stopping_patience})")
-    p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
-                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
-    p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
-                   help="write a TensorBoard profiler trace of these training batches (default: none)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+    _add_training_flags(p, d, "validation Dice")
     p.set_defaults(func=_cmd_train_segmenter)
 
 
@@ -259,11 +274,8 @@ def _cmd_train_segmenter(args) -> int:
     config = SegmenterConfig(
         image_size=args.image_size, channels=args.channels, depth=args.depth, base_filters=args.base_filters,
         dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, loss=args.loss,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        augment=not args.no_augment, precision=args.precision, early_stopping_patience=args.patience,
-        time_budget_minutes=args.time_budget, threshold=args.threshold, seed=args.seed,
-        profile_batches=args.profile_batches,
+        epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold,
+        **_training_kwargs(args),
     )
     summary = train_segmenter(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
                               verbose=2 if args.quiet else 1)
@@ -300,7 +312,7 @@ def _cmd_evaluate_segmenter(args) -> int:
 
 
 def _add_train_classifier(sub) -> None:
-    from tf_bus.config import PRECISIONS, ClassifierConfig
+    from tf_bus.config import ClassifierConfig
 
     d = ClassifierConfig()
     p = sub.add_parser("train-classifier", help="fine-tune (or train from scratch) the ResNet classifier",
@@ -326,31 +338,15 @@ def _add_train_classifier(sub) -> None:
     p.add_argument("--fine-tune-stages", type=int, default=d.fine_tune_stages,
                    help=f"with pre-trained weights: top residual stages unfrozen after the head phase, 0-5 (default: {d.fine_tune_stages})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"total epochs, both phases (default: {d.epochs})")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
                    help=f"learning rate of the head phase and of from-scratch training (default: {d.learning_rate})")
     p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
                    help=f"learning rate after unfreezing (default: {d.fine_tune_learning_rate})")
-    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
-                   help=f"learning-rate schedule (default: {d.schedule})")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
     p.add_argument("--balance", choices=("layout", "class_weights", "sampling"), default=d.balance,
                    help="layout: the offline-balanced train split of a prepared layout (class weights for a raw "
                         "release); class_weights; sampling: classes drawn equally (default: layout)")
-    p.add_argument("--no-augment", action="store_true", help="turn off augmentation of the training split")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16, else float32 (default: auto)")
-    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
-                   help=f"early stopping on validation macro-F1, 0 disables (default: {d.early_stopping_patience})")
-    p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
-                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default: {d.seed})")
-    p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
-                   help="write a TensorBoard profiler trace of these training batches (default: none)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+    _add_training_flags(p, d, "validation macro-F1")
     p.set_defaults(func=_cmd_train_classifier)
 
 
@@ -361,12 +357,9 @@ def _cmd_train_classifier(args) -> int:
     config = ClassifierConfig(
         backbone=args.backbone, weights=None if args.weights.lower() == "none" else args.weights,
         image_size=args.image_size, channels=args.channels, dropout=args.dropout, head_epochs=args.head_epochs,
-        fine_tune_stages=args.fine_tune_stages, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, balance=args.balance, augment=not args.no_augment,
-        precision=args.precision, early_stopping_patience=args.patience, time_budget_minutes=args.time_budget,
-        seed=args.seed, profile_batches=args.profile_batches,
+        fine_tune_stages=args.fine_tune_stages, epochs=args.epochs, learning_rate=args.learning_rate,
+        fine_tune_learning_rate=args.fine_tune_learning_rate, label_smoothing=args.label_smoothing,
+        balance=args.balance, **_training_kwargs(args),
     )
     summary = train_classifier(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
                                verbose=2 if args.quiet else 1)
