@@ -66,3 +66,12 @@ def test_freezing_stages_keeps_batchnorm_frozen(stages, open_prefixes):
         else:
             assert layer.trainable == layer.name.startswith(tuple(p + "_" for p in open_prefixes)), layer.name
     assert model.get_layer("probabilities").trainable
+
+
+def test_from_scratch_trains_every_layer_batchnorm_included():
+    model = build_classifier("resnet50", None, image_size=(64, 64))
+    set_trainable_stages(model, 0)
+    set_trainable_stages(model, None)
+    bns = [l for l in model.get_layer("backbone").layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(l.trainable for l in bns)
+    assert len(model.trainable_weights) == len([w for w in model.weights if "moving" not in w.path])

@@ -384,3 +384,87 @@ class ClassifierConfig(_TrainingConfig):
             raise ConfigError(f"`fine_tune_stages` must be within 0..5. Received: fine_tune_stages={self.fine_tune_stages}")
         if self.balance not in ("layout", "class_weights", "sampling"):
             raise ConfigError(f"`balance` must be layout, class_weights or sampling. Received: balance={self.balance!r}")
+
+
+TUNERS: tuple[str, ...] = ("random", "hyperband", "bayesian")
+
+
+@dataclass
+class TuneConfig:
+    """`tf-bus tune`: the KerasTuner search over the classifier. Saved in TUNE_DIR.
+
+    Every ``*_range`` is (low, high), sampled on a log scale for the learning rate and
+    weight decay; a range with low == high (or a one-element choice) fixes that value.
+    Fields of the classifier that are not searched come from ``base``.
+
+    Args:
+        base: the classifier config each trial starts from.
+        tuner: ``random``, ``hyperband`` or ``bayesian``.
+        max_trials: trials to run (random, bayesian). Hyperband runs as many as its
+            brackets need for ``epochs_range[1]`` epochs (``max_trials`` still caps it).
+        executions_per_trial: fits per trial (their objective is averaged).
+        hyperband_factor: Hyperband's reduction factor.
+        learning_rate_range, weight_decay_range, dropout_range: continuous ranges.
+        batch_sizes: the batch sizes to choose from.
+        fine_tune_stages_range: residual stages unfrozen (pre-trained weights only).
+        backbones: the backbones to choose from.
+        epochs_range: the epochs budget per trial (step ``epochs_step``); Hyperband's
+            ``max_epochs`` is its upper end.
+    """
+
+    base: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(time_budget_minutes=0))
+    tuner: str = "random"
+    max_trials: int = 10
+    executions_per_trial: int = 1
+    hyperband_factor: int = 3
+    learning_rate_range: tuple[float, float] = (1e-5, 1e-1)
+    weight_decay_range: tuple[float, float] = (1e-6, 1e-1)
+    dropout_range: tuple[float, float] = (0.0, 0.6)
+    batch_sizes: tuple[int, ...] = (8, 16, 32)
+    fine_tune_stages_range: tuple[int, int] = (1, 4)
+    backbones: tuple[str, ...] = ("resnet50", "resnet101")
+    epochs_range: tuple[int, int] = (5, 30)
+    epochs_step: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, dict):
+            self.base = ClassifierConfig.from_dict(self.base)
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"`tuner` must be one of {', '.join(TUNERS)}. Received: tuner={self.tuner!r}")
+        for name in ("max_trials", "executions_per_trial", "epochs_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+        if self.hyperband_factor < 2:
+            raise ConfigError(f"`hyperband_factor` must be >= 2. Received: hyperband_factor={self.hyperband_factor}")
+        for name, lo_ok in (("learning_rate_range", 0.0), ("weight_decay_range", 0.0)):
+            lo, hi = getattr(self, name)
+            if not lo_ok < lo <= hi:
+                raise ConfigError(f"`{name}` must be LOW,HIGH with 0 < LOW <= HIGH (log scale). Received: {name}={(lo, hi)}")
+        lo, hi = self.dropout_range
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ConfigError(f"`dropout_range` must be LOW,HIGH within [0, 1). Received: dropout_range={(lo, hi)}")
+        lo, hi = self.fine_tune_stages_range
+        if not 0 <= lo <= hi <= 5:
+            raise ConfigError(f"`fine_tune_stages_range` must be LOW,HIGH within 0..5. Received: {(lo, hi)}")
+        lo, hi = self.epochs_range
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"`epochs_range` must be LOW,HIGH with 1 <= LOW <= HIGH. Received: epochs_range={(lo, hi)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"`batch_sizes` must be positive whole numbers. Received: batch_sizes={self.batch_sizes}")
+        bad = set(self.backbones) - {"resnet50", "resnet101"}
+        if not self.backbones or bad:
+            raise ConfigError(f"`backbones` must be resnet50 and/or resnet101. Received: backbones={self.backbones}")
+        for name in ("learning_rate_range", "weight_decay_range", "dropout_range", "fine_tune_stages_range",
+                     "epochs_range", "batch_sizes", "backbones"):
+            setattr(self, name, tuple(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown TuneConfig field(s) {sorted(unknown)}. Known: {sorted(known)}")
+        return cls(**d)

@@ -126,10 +126,17 @@ def build_classifier(
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 
 
-def set_trainable_stages(model: keras.Model, stages: int) -> None:
+def set_trainable_stages(model: keras.Model, stages: int | None) -> None:
     """Freezes the backbone but its top ``stages`` residual stages (0: head only;
     4: every stage; the stem stays frozen unless ``stages`` >= 5). BatchNormalization
-    layers stay frozen whatever ``stages`` is. Recompile after calling this."""
+    layers stay frozen whatever ``stages`` is (fine-tuning pre-trained weights).
+    ``stages=None`` makes every layer trainable, BatchNorm included: training from
+    scratch, where BatchNorm must learn its statistics. Recompile after calling this."""
+    if stages is None:
+        model.trainable = True
+        for layer in model.get_layer("backbone").layers:
+            layer.trainable = True
+        return
     if not 0 <= stages <= len(STAGES) + 1:
         raise ValueError(f"`stages` must be within 0..{len(STAGES) + 1}. Received: stages={stages}")
     base = model.get_layer("backbone")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,42 @@ def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES))), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _compile(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int) -> None:
+@dataclass
+class ClassifierData:
+    """The datasets of a classifier run, shared by `train_classifier` and the tuner."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    steps: int
+    balance: str
+    class_weight: dict[int, float] | None
+
+
+def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
+                    splits_file: str | os.PathLike | None = None) -> ClassifierData:
+    """One-hot train/validation datasets for ``config`` with its class balancing resolved
+    (``layout`` on a raw release becomes ``class_weights``)."""
+    from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
+
+    kind, root = detect_layout(data, "classification")
+    balance = config.balance
+    if balance == "layout" and kind == "release":
+        balance = "class_weights"
+    include_aug = balance == "layout"
+    if kind == "classification":
+        n_train = len(list_classification(root, "train", include_augmented=include_aug)[0])
+    else:
+        n_train = len(list_release(root, "train", splits_file=splits_file)[0])
+    train_ds = _one_hot(classification_dataset(
+        data, "train", loader_config(config, augment=config.augment), training=True, splits_file=splits_file,
+        balanced=balance == "sampling", include_augmented=include_aug))
+    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config), training=False,
+                                             splits_file=splits_file))
+    weights = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
+    return ClassifierData(train_ds, val_ds, math.ceil(n_train / config.batch_size), balance, weights)
+
+
+def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int) -> None:
     model.compile(
         optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -75,8 +111,6 @@ def train_classifier(
     Returns:
         A summary (best validation macro-F1 and accuracy, epochs, wall time, images/s).
     """
-    from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
-
     config = config or ClassifierConfig()
     run_dir = Path(run_dir).expanduser().resolve()
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
@@ -89,22 +123,9 @@ def train_classifier(
     # Built before any data is read, so a bad --weights fails fast.
     model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
 
-    kind, root = detect_layout(data, "classification")
-    balance = config.balance
-    if balance == "layout" and kind == "release":
-        balance = "class_weights"
-    include_aug = balance == "layout"
-    if kind == "classification":
-        n_train = len(list_classification(root, "train", include_augmented=include_aug)[0])
-    else:
-        n_train = len(list_release(root, "train", splits_file=splits_file)[0])
-    train_ds = _one_hot(classification_dataset(
-        data, "train", loader_config(config, augment=config.augment), training=True, splits_file=splits_file,
-        balanced=balance == "sampling", include_augmented=include_aug))
-    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config), training=False,
-                                             splits_file=splits_file))
-    steps = math.ceil(n_train / config.batch_size)
-    weights_by_class = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
+    data_ = classifier_data(data, config, splits_file)
+    train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
+    weights_by_class = data_.class_weight
     write_json_atomic(run_dir / "config.json", {
         **record, "precision": policy, "balance_used": balance, "tf_bus_version": tf_bus.__version__,
         "keras_version": keras.__version__, "parameters": model.count_params(),
@@ -139,7 +160,7 @@ def train_classifier(
     try:
         if head_epochs and not head_file.exists():
             set_trainable_stages(model, 0)
-            _compile(model, config, config.learning_rate, head_epochs, steps)
+            compile_classifier(model, config, config.learning_rate, head_epochs, steps)
             h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(float(x) for x in v)
@@ -147,9 +168,9 @@ def train_classifier(
         elif head_file.exists():
             model.load_weights(head_file)
         if not budget.stopped_epoch and head_epochs < config.epochs:
-            set_trainable_stages(model, config.fine_tune_stages if pretrained else 5)
+            set_trainable_stages(model, config.fine_tune_stages if pretrained else None)
             lr = config.fine_tune_learning_rate if pretrained else config.learning_rate
-            _compile(model, config, lr, config.epochs - head_epochs, steps)
+            compile_classifier(model, config, lr, config.epochs - head_epochs, steps)
             h = model.fit(train_ds, initial_epoch=head_epochs, epochs=config.epochs, callbacks=callbacks("backup"),
                           **fit_kw)
             for k, v in h.history.items():
