@@ -311,6 +311,24 @@ def _cmd_evaluate_segmenter(args) -> int:
     return 0
 
 
+def _add_classifier_flags(p, d) -> None:
+    """Data and model flags that train-classifier and tune share."""
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a `tf-bus prepare` output, its classification/ layout, or a raw Dataset_BUSI_with_GT")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use")
+    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH",
+                   help="backbone weights: imagenet (downloaded by Keras), none (from scratch), or a local "
+                        "include_top=False weights file (default: none)")
+    p.add_argument("--image-size", type=_size, default=d.image_size, metavar="H,W",
+                   help=f"input size, at least 32 (default: {d.image_size[0]},{d.image_size[1]})")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
+                   help=f"input channels; grey is replicated inside the model (default: {d.channels})")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--balance", choices=("layout", "class_weights", "sampling"), default=d.balance,
+                   help="layout: the offline-balanced train split of a prepared layout (class weights for a raw "
+                        "release); class_weights; sampling: classes drawn equally (default: layout)")
+
+
 def _add_train_classifier(sub) -> None:
     from tf_bus.config import ClassifierConfig
 
@@ -320,18 +338,9 @@ def _add_train_classifier(sub) -> None:
                                    "(config.json, best.keras on validation macro-F1, last.keras, history, logs/). "
                                    "With pre-trained weights: head first (backbone frozen), then the top stages. "
                                    "Starting again with the same --out after a kill resumes.")
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="a `tf-bus prepare` output, its classification/ layout, or a raw Dataset_BUSI_with_GT")
+    _add_classifier_flags(p, d)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (resumed if unfinished)")
-    p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use")
     p.add_argument("--backbone", choices=("resnet50", "resnet101"), default=d.backbone, help=f"backbone (default: {d.backbone})")
-    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH",
-                   help="backbone weights: imagenet (downloaded by Keras), none (from scratch), or a local "
-                        "include_top=False weights file (default: none)")
-    p.add_argument("--image-size", type=_size, default=d.image_size, metavar="H,W",
-                   help=f"input size, at least 32 (default: {d.image_size[0]},{d.image_size[1]})")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
-                   help=f"input channels; grey is replicated inside the model (default: {d.channels})")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout before the softmax (default: {d.dropout})")
     p.add_argument("--head-epochs", type=int, default=d.head_epochs,
                    help=f"with pre-trained weights: epochs of head-only training (default: {d.head_epochs})")
@@ -342,10 +351,6 @@ def _add_train_classifier(sub) -> None:
                    help=f"learning rate of the head phase and of from-scratch training (default: {d.learning_rate})")
     p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
                    help=f"learning rate after unfreezing (default: {d.fine_tune_learning_rate})")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
-    p.add_argument("--balance", choices=("layout", "class_weights", "sampling"), default=d.balance,
-                   help="layout: the offline-balanced train split of a prepared layout (class weights for a raw "
-                        "release); class_weights; sampling: classes drawn equally (default: layout)")
     _add_training_flags(p, d, "validation macro-F1")
     p.set_defaults(func=_cmd_train_classifier)
 
@@ -387,6 +392,102 @@ def _cmd_evaluate_classifier(args) -> int:
     return 0
 
 
+def _pair(kind):
+    def parse(text: str):
+        try:
+            parts = [kind(p) for p in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LOW,HIGH (or one value), got {text!r}") from None
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected LOW,HIGH (or one value), got {text!r}")
+        return tuple(parts)
+    return parse
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers like 8,16,32, got {text!r}") from None
+
+
+def _add_tune(sub) -> None:
+    from tf_bus.config import TUNERS, ClassifierConfig, TuneConfig
+
+    t, d = TuneConfig(), ClassifierConfig()
+    p = sub.add_parser("tune", help="KerasTuner search over the classifier's hyperparameters",
+                       description="Search the classifier's hyperparameters with KerasTuner and write TUNE_DIR: "
+                                   "trials.json (every trial's status, score, epochs), best_hyperparameters.json "
+                                   "(values, score, full config), classifier/ (KerasTuner's project) and logs/ "
+                                   "(TensorBoard, one folder per trial). The same command again resumes an "
+                                   "interrupted search. Distributed: start one chief and N workers with the same "
+                                   "command and KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID "
+                                   "(chief, tuner0, tuner1, ...) set; TUNE_DIR must be shared.")
+    _add_classifier_flags(p, d)
+    p.add_argument("--out", required=True, metavar="TUNE_DIR", help="search folder (resumed if it holds the same search)")
+    p.add_argument("--tuner", choices=TUNERS, default=t.tuner,
+                   help=f"random search, Hyperband (early-stops weak trials) or Bayesian optimisation (default: {t.tuner})")
+    p.add_argument("--max-trials", type=_positive_int, default=t.max_trials,
+                   help=f"trials to run (random, bayesian; Hyperband's brackets set its own count) (default: {t.max_trials})")
+    p.add_argument("--executions-per-trial", type=_positive_int, default=t.executions_per_trial,
+                   help=f"fits per trial, their scores averaged (default: {t.executions_per_trial})")
+    p.add_argument("--hyperband-factor", type=int, default=t.hyperband_factor,
+                   help=f"Hyperband's reduction factor (default: {t.hyperband_factor})")
+    p.add_argument("--learning-rate-range", type=_pair(float), default=t.learning_rate_range, metavar="LOW,HIGH",
+                   help="learning rate, log scale (default: 1e-5,1e-1)")
+    p.add_argument("--weight-decay-range", type=_pair(float), default=t.weight_decay_range, metavar="LOW,HIGH",
+                   help="AdamW weight decay, log scale (default: 1e-6,1e-1)")
+    p.add_argument("--dropout-range", type=_pair(float), default=t.dropout_range, metavar="LOW,HIGH",
+                   help="dropout before the softmax (default: 0,0.6)")
+    p.add_argument("--batch-sizes", type=_int_list, default=t.batch_sizes, metavar="B,B,...",
+                   help="batch sizes to choose from (default: 8,16,32)")
+    p.add_argument("--fine-tune-stages-range", type=_pair(int), default=t.fine_tune_stages_range, metavar="LOW,HIGH",
+                   help="with pre-trained --weights: residual stages unfrozen (default: 1,4)")
+    p.add_argument("--backbones", type=lambda s: tuple(s.split(",")), default=t.backbones, metavar="NAME[,NAME]",
+                   help="backbones to choose from (default: resnet50,resnet101)")
+    p.add_argument("--epochs-range", type=_pair(int), default=t.epochs_range, metavar="LOW,HIGH",
+                   help="epochs per trial; Hyperband's max_epochs is HIGH (default: 5,30)")
+    p.add_argument("--epochs-step", type=_positive_int, default=t.epochs_step, help=f"step of the epochs range (default: {t.epochs_step})")
+    p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
+                   help=f"learning-rate schedule of every trial (default: {d.schedule})")
+    p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
+    p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default=d.precision,
+                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16, else float32 (default: auto)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the tuner and of every trial (default: {d.seed})")
+    p.add_argument("--retrain", metavar="RUN_DIR",
+                   help="after the search, train the best configuration into RUN_DIR (as train-classifier does)")
+    p.add_argument("--overwrite", action="store_true", help="start the search afresh instead of resuming it")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch instead of progress bars")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    from tf_bus.config import ClassifierConfig, TuneConfig
+    from tf_bus.training.tuning import tune_classifier
+
+    base = ClassifierConfig(
+        weights=None if args.weights.lower() == "none" else args.weights, image_size=args.image_size,
+        channels=args.channels, label_smoothing=args.label_smoothing, balance=args.balance, schedule=args.schedule,
+        augment=not args.no_augment, precision=args.precision, seed=args.seed, time_budget_minutes=0,
+        early_stopping_patience=0,
+    )
+    tune = TuneConfig(
+        base=base, tuner=args.tuner, max_trials=args.max_trials, executions_per_trial=args.executions_per_trial,
+        hyperband_factor=args.hyperband_factor, learning_rate_range=args.learning_rate_range,
+        weight_decay_range=args.weight_decay_range, dropout_range=args.dropout_range, batch_sizes=args.batch_sizes,
+        fine_tune_stages_range=args.fine_tune_stages_range, backbones=args.backbones,
+        epochs_range=args.epochs_range, epochs_step=args.epochs_step,
+    )
+    result = tune_classifier(args.data, args.out, tune, splits_file=args.splits, overwrite=args.overwrite,
+                             retrain_dir=args.retrain, verbose=2 if args.quiet else 1)
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    if result.get("role") != "worker":
+        print(f"trials.json, best_hyperparameters.json -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-bus",
@@ -396,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
-                _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier):
+                _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier, _add_tune):
         add(sub)
     return parser
 

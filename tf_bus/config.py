@@ -401,7 +401,7 @@ class TuneConfig:
         base: the classifier config each trial starts from.
         tuner: ``random``, ``hyperband`` or ``bayesian``.
         max_trials: trials to run (random, bayesian). Hyperband runs as many as its
-            brackets need for ``epochs_range[1]`` epochs (``max_trials`` still caps it).
+            brackets need for ``epochs_range[1]`` epochs and ``hyperband_factor``.
         executions_per_trial: fits per trial (their objective is averaged).
         hyperband_factor: Hyperband's reduction factor.
         learning_rate_range, weight_decay_range, dropout_range: continuous ranges.

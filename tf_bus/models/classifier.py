@@ -113,7 +113,17 @@ def build_classifier(
         raise ValueError(f"`channels` must be 1 or 3. Received: channels={channels}")
     resolved = resolve_weights(backbone, weights)
     app = keras.applications.ResNet50 if backbone == "resnet50" else keras.applications.ResNet101
-    base = app(include_top=False, weights=resolved, input_shape=(*image_size, 3), name="backbone")
+    try:
+        base = app(include_top=False, weights=resolved, input_shape=(*image_size, 3), name="backbone")
+    except (OSError, ValueError) as e:
+        if resolved is None:
+            raise
+        raise TfBusError(
+            f"{resolved}: cannot load it as {backbone} backbone weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Pass a Keras weights file of keras.applications.{app.__name__}(include_top=False), e.g. "
+            f"{_WEIGHT_FILES[backbone]}, or --weights none."
+        ) from None
+
     inputs = keras.Input((*image_size, channels), name="image")
     x = inputs
     if channels == 1:
