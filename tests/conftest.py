@@ -63,3 +63,25 @@ def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file under root: proves a folder was not modified."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, prepared) -> dict[str, Path]:
+    """A tiny trained segmenter and classifier run (32 px, one epoch), for export and serving.
+    The classifier fine-tunes the head over a local backbone weights file (quick to trace)."""
+    import keras
+
+    from tf_bus.config import ClassifierConfig, SegmenterConfig
+    from tf_bus.training.classification import train_classifier
+    from tf_bus.training.segmentation import train_segmenter
+
+    root = tmp_path_factory.mktemp("runs")
+    seg = SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1, batch_size=8, warmup_epochs=0,
+                          time_budget_minutes=0)
+    train_segmenter(prepared, root / "seg", seg, verbose=0)
+    weights = root / "resnet50_notop.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    cls = ClassifierConfig(image_size=(32, 32), weights=str(weights), head_epochs=1, epochs=1, batch_size=8,
+                           warmup_epochs=0, time_budget_minutes=0)
+    train_classifier(prepared, root / "cls", cls, verbose=0)
+    return {"segmenter": root / "seg", "classifier": root / "cls"}

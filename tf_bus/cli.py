@@ -392,6 +392,142 @@ def _cmd_evaluate_classifier(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a trained run as a SavedModel for TensorFlow Serving",
+                       description="Export RUN_DIR's best model (segmenter or classifier) to "
+                                   "MODELS/NAME/VERSION/, the layout tensorflow_model_server watches, with the "
+                                   "signatures serving_default (encoded image bytes in) and predict_tensor (float "
+                                   "images in). Written to a temporary folder and renamed; versions are never overwritten.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder")
+    p.add_argument("--model-base-path", required=True, metavar="MODELS",
+                   help="the folder of models (TF Serving's --model_base_path is MODELS/NAME)")
+    p.add_argument("--name", required=True, help="model name: letters, digits, '_', '-', '.'")
+    p.add_argument("--version", type=_positive_int, default=None,
+                   help="version number (default: one more than the highest existing)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="segmenter: mask threshold baked into the signature (default: RUN_DIR/threshold.json, "
+                        "else the run's)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from tf_bus.export import export_run
+
+    info = export_run(args.run_dir, args.model_base_path, args.name, args.version, threshold=args.threshold)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_serve(sub) -> None:
+    from tf_bus.serving.server import ServerOptions
+
+    d = ServerOptions()
+    p = sub.add_parser("serve", help="serve SavedModels over TF Serving's REST and gRPC APIs",
+                       description="A model server speaking TensorFlow Serving's REST (/v1/models/...) and gRPC "
+                                   "(PredictionService, ModelService) APIs, for machines without "
+                                   "tensorflow_model_server. Flags, config files and model folders are TF Serving's. "
+                                   "Stops gracefully on SIGTERM/SIGINT.")
+    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port, 0 for any free one (default: {d.port})")
+    p.add_argument("--rest_api_port", type=int, default=d.rest_api_port,
+                   help=f"REST port; 0 turns REST off, as in TF Serving (default: {d.rest_api_port})")
+    p.add_argument("--host", default=d.rest_api_host, help=f"address to bind both servers to (default: {d.rest_api_host})")
+    p.add_argument("--model_config_file", help="a ModelServerConfig text proto (models, version policies, labels)")
+    p.add_argument("--model_name", help="with --model_base_path: the one model's name (default: default)")
+    p.add_argument("--model_base_path", help="the one model's folder of numbered versions")
+    p.add_argument("--enable_batching", action="store_true", help="batch concurrent Predict requests server-side")
+    p.add_argument("--batching_parameters_file", help="a BatchingParameters text proto (max_batch_size, "
+                                                      "batch_timeout_micros, num_batch_threads, max_enqueued_batches)")
+    p.add_argument("--monitoring_config_file", help="a MonitoringConfig text proto; prometheus_config enables metrics "
+                                                    "at its path on the REST port")
+    p.add_argument("--file_system_poll_wait_seconds", type=float, default=d.file_system_poll_wait_seconds,
+                   help="how often to look for new or removed versions; 0 loads once (default: 1)")
+    p.add_argument("--rest_api_max_body_bytes", type=int, default=d.rest_api_max_body_bytes,
+                   help="larger REST bodies are refused with HTTP 413 (default: 64 MiB)")
+    p.add_argument("--grpc_max_message_bytes", type=int, default=d.grpc_max_message_bytes,
+                   help="gRPC maximum send/receive message size (default: 64 MiB)")
+    p.add_argument("--grpc_max_threads", type=int, default=d.grpc_max_threads,
+                   help=f"threads serving gRPC calls (default: {d.grpc_max_threads})")
+    p.add_argument("--ready_file", help="write 'GRPC_PORT REST_PORT' here once serving (for scripts and tests)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import logging
+
+    from tf_bus.serving.server import ServerOptions, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = ServerOptions(
+        port=args.port, rest_api_port=args.rest_api_port, rest_api_host=args.host, grpc_host=args.host,
+        model_config_file=args.model_config_file, model_name=args.model_name, model_base_path=args.model_base_path,
+        enable_batching=args.enable_batching, batching_parameters_file=args.batching_parameters_file,
+        monitoring_config_file=args.monitoring_config_file,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        rest_api_max_body_bytes=args.rest_api_max_body_bytes, grpc_max_message_bytes=args.grpc_max_message_bytes,
+        grpc_max_threads=args.grpc_max_threads,
+    )
+    try:
+        return run(opts, ready_file=args.ready_file)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="query a served model with image files (REST or gRPC)",
+                       description="Send IMAGE files to a tf-bus model served by TF Serving or `tf-bus serve` and print "
+                                   "one JSON line per image: class probabilities (classifier) or the lesion area "
+                                   "(segmenter, whose mask and overlay PNGs go to --out).")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/BMP files")
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="the server (default: localhost:8500 for grpc, localhost:8501 for rest)")
+    p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="API to use (default: grpc)")
+    p.add_argument("--model", required=True, help="the model name on the server")
+    p.add_argument("--version", type=_positive_int, default=None, help="a model version (default: the latest)")
+    p.add_argument("--label", default=None, help="a version label such as stable (instead of --version)")
+    p.add_argument("--out", default=None, metavar="DIR", help="segmenter: where to write <image>_mask.png and "
+                                                               "<image>_overlay.png (default: ./predictions)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from tf_bus.data.busi import TfBusError
+    from tf_bus.serving.client import ServingClientError, predict_images
+
+    images = []
+    for f in args.images:
+        try:
+            images.append(Path(f).read_bytes())
+        except OSError as e:
+            raise TfBusError(f"{f}: cannot read it ({e.strerror})") from None
+    server = args.server or ("localhost:8500" if args.protocol == "grpc" else "localhost:8501")
+    try:
+        out = predict_images(images, args.model, server=server, protocol=args.protocol, version=args.version,
+                             label=args.label, timeout=args.timeout)
+    except ServingClientError as e:
+        raise TfBusError(f"{server} ({args.protocol}) answered {e.status}: {e.message}") from None
+    except ValueError as e:
+        raise TfBusError(str(e)) from None
+    if "probabilities" in out:
+        from tf_bus.config import CLASS_NAMES
+
+        for f, probs, name in zip(args.images, out["probabilities"], out["class_names"]):
+            print(json.dumps({"image": f, "class": name.decode() if isinstance(name, bytes) else str(name),
+                              "probabilities": {c: round(float(p), 6) for c, p in zip(CLASS_NAMES, probs)}}))
+        return 0
+    from tf_bus.serving.overlay import write_overlay
+
+    out_dir = Path(args.out or "predictions")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f, raw, png, area in zip(args.images, images, out["mask_png_bytes"], out["lesion_area_fraction"]):
+        mask_path, overlay_path = write_overlay(raw, png, out_dir, Path(f).stem)
+        print(json.dumps({"image": f, "lesion_area_fraction": round(float(area), 6), "mask": str(mask_path),
+                          "overlay": str(overlay_path)}))
+    return 0
+
+
 def _pair(kind):
     def parse(text: str):
         try:
@@ -497,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
-                _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier, _add_tune):
+                _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier, _add_tune, _add_export, _add_serve, _add_predict):
         add(sub)
     return parser
 

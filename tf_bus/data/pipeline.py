@@ -474,3 +474,15 @@ def class_weights(data: str | os.PathLike, split: str = "train", *, splits_file=
     counts = collections.Counter(labels)
     n = len(labels)
     return {i: n / (len(counts) * counts[i]) for i in sorted(counts)}
+
+
+
+def decode_image(contents: tf.Tensor, channels: int) -> tf.Tensor:
+    """Encoded PNG/JPEG/BMP/GIF bytes -> uint8 (H, W, channels), as the loaders decode."""
+    return _decode(contents, channels)
+
+
+def resize_image(image_u8: tf.Tensor, channels: int, image_size: tuple[int, int]) -> tf.Tensor:
+    """uint8 (H, W, channels) -> uint8 at ``image_size``, exactly as the loaders resize
+    (the exported models' serving signatures use this and ``decode_image``)."""
+    return _resize_image(image_u8, LoaderConfig(image_size=image_size, channels=channels))

@@ -1,0 +1,118 @@
+"""`tf-bus export`: SavedModels for TF Serving whose signatures match the in-memory Keras model."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_bus.data.busi import TfBusError
+from tf_bus.export import export_run, read_run
+
+pytestmark = pytest.mark.slow
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (40, 56), dtype=np.uint8)
+    rgb = rng.integers(0, 255, (50, 30, 3), dtype=np.uint8)
+    return {"grey_png": (grey, png(grey)), "rgb_png": (rgb, png(rgb)), "rgb_jpeg": (rgb, jpeg(rgb))}
+
+
+def keras_input(encoded: bytes, size, channels) -> np.ndarray:
+    """What the loaders feed the model: decoded, resized exactly as in training, [0, 255]."""
+    from tf_bus.data.pipeline import decode_image, resize_image
+
+    return resize_image(decode_image(tf.constant(encoded), channels), channels, size).numpy().astype("float32")
+
+
+def test_classifier_export_matches_the_keras_model(tiny_runs, tmp_path, images):
+    info = export_run(tiny_runs["classifier"], tmp_path / "models", "busi_classifier")
+    assert info["version"] == 1 and Path(info["path"]) == tmp_path / "models" / "busi_classifier" / "1"
+    _, _, model = read_run(tiny_runs["classifier"])
+    loaded = tf.saved_model.load(info["path"])
+    assert {"serving_default", "predict_tensor"} <= set(loaded.signatures)
+    encoded = [images[k][1] for k in ("grey_png", "rgb_png", "rgb_jpeg")]
+    out = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    x = np.stack([keras_input(e, (32, 32), 1) for e in encoded])
+    expected = model(x, training=False).numpy()
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(out["class_ids"].numpy(), expected.argmax(-1))
+    assert [n.decode() for n in out["class_names"].numpy()] == [("benign", "malignant", "normal")[i] for i in expected.argmax(-1)]
+    t = loaded.signatures["predict_tensor"](images=tf.constant(x))
+    np.testing.assert_allclose(t["probabilities"].numpy(), expected, atol=1e-5)
+
+
+def test_segmenter_export_returns_masks_at_each_inputs_own_size(tiny_runs, tmp_path, images):
+    info = export_run(tiny_runs["segmenter"], tmp_path / "models", "busi_segmenter", threshold=0.5)
+    _, _, model = read_run(tiny_runs["segmenter"])
+    loaded = tf.saved_model.load(info["path"])
+    encoded = [images["grey_png"][1], images["rgb_png"][1]]
+    out = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    sizes = out["image_size"].numpy()
+    np.testing.assert_array_equal(sizes, [[40, 56], [50, 30]])
+    probs = out["mask_probabilities"].numpy()
+    assert probs.shape == (2, 50, 56)  # padded to the largest height and width
+    x = np.stack([keras_input(e, (32, 32), 1) for e in encoded])
+    small = model(x / 255.0, training=False).numpy()
+    for i, (h, w) in enumerate(sizes):
+        own = tf.image.resize(small[i], (h, w), method="bilinear").numpy()[..., 0]
+        np.testing.assert_allclose(probs[i, :h, :w], own, atol=1e-5)
+        assert not probs[i, h:, :].any() and not probs[i, :, w:].any()
+        mask = np.asarray(Image.open(io.BytesIO(out["mask_png_bytes"].numpy()[i])))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, own >= 0.5)
+        assert out["lesion_area_fraction"].numpy()[i] == pytest.approx((own >= 0.5).mean(), abs=1e-6)
+    t = loaded.signatures["predict_tensor"](images=tf.constant(x))
+    np.testing.assert_allclose(t["mask_probabilities"].numpy(), small[..., 0], atol=1e-5)
+
+
+def test_versions_names_and_saved_model_cli(tiny_runs, tmp_path):
+    base = tmp_path / "models"
+    assert export_run(tiny_runs["segmenter"], base, "seg")["version"] == 1
+    assert export_run(tiny_runs["segmenter"], base, "seg")["version"] == 2
+    with pytest.raises(TfBusError, match="version 2 exists already"):
+        export_run(tiny_runs["segmenter"], base, "seg", version=2)
+    assert export_run(tiny_runs["segmenter"], base, "seg", version=7)["version"] == 7
+    assert sorted(p.name for p in (base / "seg").iterdir()) == ["1", "2", "7"], "no temporary folder left behind"
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(TfBusError, match="model name"):
+            export_run(tiny_runs["segmenter"], base, bad)
+    with pytest.raises(TfBusError, match="config.json: missing"):
+        export_run(tmp_path, base, "seg")
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    r = subprocess.run([str(cli), "show", "--dir", str(base / "seg" / "1"), "--all"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr
+    for text in ("signature_def['serving_default']", "signature_def['predict_tensor']", "mask_png_bytes",
+                 "dtype: DT_STRING", "tensorflow/serving/predict"):
+        assert text in r.stdout, text
+
+
+def test_export_cli(tiny_runs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "export", str(tiny_runs["classifier"]),
+                        "--model-base-path", str(tmp_path), "--name", "cls"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cls" / "1" / "saved_model.pb").is_file()
+    assert (tmp_path / "cls" / "1" / "assets.extra" / "tf_bus.json").is_file()

@@ -1,0 +1,185 @@
+"""Export for TensorFlow Serving (stage 8): `tf-bus export`.
+
+A trained run (segmenter or classifier) becomes a SavedModel at
+``MODELS/NAME/<version>/``, the layout ``tensorflow_model_server --model_base_path``
+watches. The version is the next free integer unless given; it is written to a temporary
+folder beside it and renamed, so a server polling MODELS never sees half a model, and an
+existing version is never overwritten.
+
+Signatures (built with ``keras.export.ExportArchive``, preprocessing inside):
+
+``serving_default`` — input ``images``: ``tf.string [None]``, encoded PNG/JPEG/BMP/GIF
+bytes of any size, grey or RGB (in TF Serving's REST API: ``{"b64": "..."}``).
+
+- classifier: ``probabilities`` float ``[None, 3]`` (benign, malignant, normal),
+  ``class_ids`` int64 ``[None]``, ``class_names`` string ``[None]``;
+- segmenter: ``mask_probabilities`` float ``[None, H, W]`` at each input's own size (a
+  batch of different sizes is zero-padded bottom/right to the largest; ``image_size``
+  int32 ``[None, 2]`` gives each one's height and width), ``mask_png_bytes`` the binary
+  mask at the input's size as PNG (0/255; the ``_bytes`` suffix makes TF Serving's REST
+  API return it as ``{"b64": ...}``), ``lesion_area_fraction`` float ``[None]``.
+
+``predict_tensor`` — input ``images``: float ``[None, h, w, c]`` at the model's input size,
+pixel values in [0, 255], for clients that decode and resize themselves. Outputs
+``probabilities`` (classifier) or ``mask_probabilities`` ``[None, h, w]`` (segmenter).
+
+``assets.extra/tf_bus.json`` records the kind, input size, class names, threshold and
+source run; TF Serving ignores it, `tf-bus predict` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tf_bus.config import CLASS_NAMES
+from tf_bus.data.busi import TfBusError
+from tf_bus.io import write_json_atomic
+
+SERVING_DEFAULT = "serving_default"
+PREDICT_TENSOR = "predict_tensor"
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def check_model_name(name: str) -> str:
+    """Model names become folder names and URL path parts: letters, digits, ``_-.`` only."""
+    if not name or not set(name) <= _NAME_CHARS or name.startswith(".") or len(name) > 128:
+        raise TfBusError(f"model name {name!r}: use 1-128 letters, digits, '_', '-' or '.' (not starting with '.').")
+    return name
+
+
+def read_run(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model]:
+    """(kind, config.json record, best model) of a train-segmenter or train-classifier run."""
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a train-segmenter or train-classifier run?") from None
+    kind = "classifier" if "backbone" in record.get("config", {}) else "segmenter"
+    import tf_bus.models.classifier  # noqa: F401  (registers the custom Keras objects)
+    import tf_bus.models.losses  # noqa: F401
+    import tf_bus.models.metrics  # noqa: F401
+    import tf_bus.models.unet  # noqa: F401
+
+    for name in ("best.keras", "last.keras"):
+        if (run_dir / name).exists():
+            return kind, record, keras.saving.load_model(run_dir / name, compile=False)
+    raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first.")
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
+    return max(versions, default=0) + 1
+
+
+def _signatures(kind: str, model: keras.Model, threshold: float):
+    from tf_bus.data.pipeline import decode_image, resize_image
+
+    _, h, w, c = model.input_shape
+    scale = 1.0 if kind == "classifier" else 1.0 / 255.0  # the classifier preprocesses raw pixels itself
+
+    def prepare(images_bytes):
+        def one(b):
+            img = decode_image(b, c)
+            return tf.cast(resize_image(img, c, (h, w)), tf.float32), tf.shape(img)[:2]
+
+        return tf.map_fn(one, images_bytes, fn_output_signature=(tf.TensorSpec([h, w, c], tf.float32),
+                                                                   tf.TensorSpec([2], tf.int32)))
+
+    bytes_spec = [tf.TensorSpec([None], tf.string, name="images")]
+    tensor_spec = [tf.TensorSpec([None, h, w, c], tf.float32, name="images")]
+
+    if kind == "classifier":
+        names = tf.constant(list(CLASS_NAMES))
+
+        def serve(images):
+            x, _ = prepare(images)
+            p = tf.cast(model(x, training=False), tf.float32)
+            ids = tf.argmax(p, axis=-1)
+            return {"probabilities": p, "class_ids": ids, "class_names": tf.gather(names, ids)}
+
+        def tensor(images):
+            return {"probabilities": tf.cast(model(images * scale, training=False), tf.float32)}
+
+        return serve, tensor, bytes_spec, tensor_spec
+
+    def serve(images):
+        x, sizes = prepare(images)
+        prob = tf.cast(model(x * scale, training=False), tf.float32)  # (B, h, w, 1)
+        max_h, max_w = tf.reduce_max(sizes[:, 0]), tf.reduce_max(sizes[:, 1])
+
+        def back(args):
+            p, size = args
+            full = tf.image.resize(p, size, method="bilinear")  # at the input's own size
+            binary = tf.cast(full >= threshold, tf.uint8)
+            png = tf.io.encode_png(binary * 255)
+            area = tf.reduce_mean(tf.cast(binary, tf.float32))
+            padded = tf.image.pad_to_bounding_box(full, 0, 0, max_h, max_w)[..., 0]
+            return padded, png, area
+
+        padded, pngs, areas = tf.map_fn(back, (prob, sizes), fn_output_signature=(
+            tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float32)))
+        return {"mask_probabilities": padded, "mask_png_bytes": pngs, "lesion_area_fraction": areas,
+                "image_size": sizes}
+
+    def tensor(images):
+        return {"mask_probabilities": tf.cast(model(images * scale, training=False), tf.float32)[..., 0]}
+
+    return serve, tensor, bytes_spec, tensor_spec
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    model_base_path: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    *,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Exports RUN_DIR's best model to ``model_base_path/name/version`` (see the module
+    docstring) and returns what was written.
+
+    Raises:
+        TfBusError: not a run folder, a bad model name, or ``version`` already exists.
+    """
+    check_model_name(name)
+    if version is not None and version < 1:
+        raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
+    kind, record, model = read_run(run_dir)
+    if kind == "segmenter" and threshold is None:
+        saved = Path(run_dir) / "threshold.json"
+        threshold = float(json.loads(saved.read_text())["threshold"]) if saved.exists() else \
+            float(record["config"].get("threshold", 0.5))
+    model_dir = Path(model_base_path).expanduser().resolve() / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise TfBusError(f"{final}: version {version} exists already; versions are never overwritten. "
+                         "Leave out --version to take the next free one.")
+    serve, tensor, bytes_spec, tensor_spec = _signatures(kind, model, threshold if threshold is not None else 0.5)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=bytes_spec)
+    archive.add_endpoint(PREDICT_TENSOR, tensor, input_signature=tensor_spec)
+    tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"  # not numeric: TF Serving ignores it
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        _, h, w, c = model.input_shape
+        meta = {"kind": kind, "model_name": name, "version": version, "input_size": [h, w], "channels": c,
+                "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
+                "threshold": threshold if kind == "segmenter" else None,
+                "source_run": str(Path(run_dir).resolve()), "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
+        write_json_atomic(tmp / "assets.extra" / "tf_bus.json", meta)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {**meta, "path": str(final)}

@@ -1,0 +1,137 @@
+"""`tf-bus serve`: a model server that speaks TensorFlow Serving's REST and gRPC APIs.
+
+Where ``tensorflow_model_server`` exists, use it (docker/ and serving/ hold the configs);
+this server is for machines without it. It takes the same flags where they apply, the
+same config files (ModelServerConfig, BatchingParameters, MonitoringConfig text protos)
+and the same model directories, so the same clients work against either.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tf_bus.serving.core import ModelManager, parse_model_config_file, single_model_config
+
+log = logging.getLogger("tf_bus.serving")
+
+
+@dataclass
+class ServerOptions:
+    """The flags of ``tensorflow_model_server`` that `tf-bus serve` implements."""
+
+    port: int = 8500
+    rest_api_port: int = 8501
+    rest_api_host: str = "0.0.0.0"
+    grpc_host: str = "0.0.0.0"
+    model_config_file: str | None = None
+    model_name: str | None = None
+    model_base_path: str | None = None
+    enable_batching: bool = False
+    batching_parameters_file: str | None = None
+    monitoring_config_file: str | None = None
+    file_system_poll_wait_seconds: float = 1.0
+    rest_api_max_body_bytes: int = 64 << 20
+    grpc_max_message_bytes: int = 64 << 20
+    grpc_max_threads: int = 16
+
+
+def _text_proto(path: str, message, flag: str):
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(Path(path).read_text(), message)
+    except OSError as e:
+        raise ValueError(f"--{flag} {path}: {e.strerror}") from None
+    except text_format.ParseError as e:
+        raise ValueError(f"--{flag} {path}: not a {type(message).__name__} text proto: {e}") from None
+
+
+class ModelServer:
+    """Model manager + REST + gRPC (+ batching, + Prometheus); ``start``/``stop``."""
+
+    def __init__(self, opts: ServerOptions):
+        from tf_bus.serving.batching import Batcher, BatchSettings
+        from tf_bus.serving.metrics import DEFAULT_PATH, Metrics
+        from tf_bus.serving.protos import batching_parameters_pb2, monitoring_config_pb2
+
+        self.opts = opts
+        if opts.model_config_file:
+            if opts.model_name or opts.model_base_path:
+                raise ValueError("give either --model_config_file or --model_name/--model_base_path, not both")
+            config = parse_model_config_file(opts.model_config_file)
+        elif opts.model_base_path:
+            config = single_model_config(opts.model_name or "default", str(Path(opts.model_base_path).resolve()))
+        else:
+            raise ValueError("give --model_config_file, or --model_base_path (with --model_name)")
+        self.manager = ModelManager(config, poll_seconds=opts.file_system_poll_wait_seconds)
+        self.metrics, self.metrics_path = None, None
+        if opts.monitoring_config_file:
+            mc = _text_proto(opts.monitoring_config_file, monitoring_config_pb2.MonitoringConfig(), "monitoring_config_file")
+            if mc.prometheus_config.enable:
+                self.metrics, self.metrics_path = Metrics(), mc.prometheus_config.path or DEFAULT_PATH
+        self.batcher = None
+        if opts.enable_batching:
+            settings = BatchSettings()
+            if opts.batching_parameters_file:
+                settings = BatchSettings.from_proto(_text_proto(
+                    opts.batching_parameters_file, batching_parameters_pb2.BatchingParameters(), "batching_parameters_file"))
+            self.batcher = Batcher(settings)
+        self._done = threading.Event()
+        self.rest_port = self.grpc_port = None
+
+    def start(self) -> "ModelServer":
+        from tf_bus.serving.grpc_api import make_grpc_server
+        from tf_bus.serving.rest import RestApi, make_http_server, serve_in_thread
+
+        self.manager.start()
+        self.grpc, self.grpc_port = make_grpc_server(
+            self.manager, self.opts.port, self.opts.grpc_host, self.opts.grpc_max_threads,
+            self.opts.grpc_max_message_bytes, self.batcher, self.metrics)
+        self.grpc.start()
+        self.http = None
+        if self.opts.rest_api_port:
+            self.http = make_http_server(RestApi(self.manager, self.batcher), self.opts.rest_api_port,
+                                         self.opts.rest_api_host, self.opts.rest_api_max_body_bytes,
+                                         self.metrics, self.metrics_path)
+            self.rest_port = self.http.server_address[1]
+            serve_in_thread(self.http)
+        log.info("serving gRPC on %s, REST on %s", self.grpc_port, self.rest_port)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops accepting requests, lets in-flight ones finish (up to ``grace`` s), unloads."""
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        self.grpc.stop(grace).wait(grace + 1)
+        if self.batcher is not None:
+            self.batcher.close()
+        self.manager.stop()
+        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+def run(opts: ServerOptions, ready_file: str | None = None) -> int:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = ModelServer(opts).start()
+    if not server.manager.wait_until_available(timeout=300):
+        log.warning("not every model has a loaded version yet; serving what is loaded")
+
+    def on_signal(signum, frame):
+        print(f"tf-bus serve: signal {signum}, shutting down", flush=True)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"tf-bus serve: gRPC on port {server.grpc_port}, REST on port {server.rest_port}; models: "
+          f"{', '.join(server.manager.model_names())}", flush=True)
+    if ready_file:
+        Path(ready_file).write_text(f"{server.grpc_port} {server.rest_port}\n")
+    server.wait()
+    return 0

@@ -1,0 +1,235 @@
+"""Predict, Classify, Regress and metadata over loaded SavedModels, shared by REST and gRPC.
+
+Inputs arrive as numpy arrays (decoded from JSON or from ``TensorProto``) keyed by the
+signature's input aliases; they are checked against the ``SignatureDef`` with TF Serving's
+messages, run through the SavedModel's signature function, and returned as numpy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tf_bus.serving.core import Servable, ServingError, invalid
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+
+
+def signature_def(servable: Servable, name: str):
+    name = name or DEFAULT_SIGNATURE
+    sig = servable.signature_defs.get(name)
+    if sig is None or name.startswith("__"):
+        raise invalid(f'Serving signature key "{name}" not found.')
+    return name, sig
+
+
+def input_dtypes(servable: Servable, signature_name: str) -> dict[str, Any]:
+    """{input alias: tf.DType} of a signature (REST uses it to read JSON values)."""
+    import tensorflow as tf
+
+    name = signature_name or DEFAULT_SIGNATURE
+    sig = servable.signature_defs.get(name)
+    if sig is None or name.startswith("__"):
+        raise invalid(f'Serving signature name: "{name}" not found in signature def')
+    return {k: tf.dtypes.as_dtype(v.dtype) for k, v in sig.inputs.items()}
+
+
+def _run(servable: Servable, name: str, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    fn = servable.signature(name)
+    try:
+        out = fn(**feeds)
+    except tf.errors.OpError as e:
+        raise ServingError(_code(e), _op_message(e.message)) from None
+    except (TypeError, ValueError) as e:  # shape or dtype refused before running
+        raise invalid(str(e).splitlines()[0]) from None
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _op_message(message: str) -> str:
+    """The kernel's own message, without the Python stack TF 2 eager prepends to it."""
+    if message.startswith("Graph execution error"):
+        message = message.split("\n\n")[-1]
+    return message.strip()
+
+
+def _code(e) -> grpc.StatusCode:
+    import tensorflow as tf
+
+    return {tf.errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+            tf.errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+            tf.errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+            tf.errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
+            tf.errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION}.get(type(e), grpc.StatusCode.INTERNAL)
+
+
+def predict(servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+            output_filter: list[str] | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """Runs a predict signature. Returns (signature name used, outputs)."""
+    import tensorflow as tf
+
+    name, sig = signature_def(servable, signature_name)
+    if sig.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD, ""):
+        raise invalid(f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}, {CLASSIFY_METHOD}, "
+                      f"{REGRESS_METHOD}}}. Was: {sig.method_name}")
+    want, got = set(sig.inputs), set(inputs)
+    if want != got:
+        missing, extra = sorted(want - got), sorted(got - want)
+        raise invalid(f"input size does not match signature: {len(got)}!={len(want)} len({{{','.join(sorted(got))}}}) != "
+                      f"len({{{','.join(sorted(want))}}}). Sent extra: {{{','.join(extra)}}}. "
+                      f"Missing but required: {{{','.join(missing)}}}.")
+    for alias in output_filter or []:
+        if alias not in sig.outputs:
+            raise invalid(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                          f"{{{','.join(sorted(sig.outputs))}}}.")
+    feeds = {}
+    for i, alias in enumerate(sorted(sig.inputs)):
+        dtype = tf.dtypes.as_dtype(sig.inputs[alias].dtype)
+        value = inputs[alias]
+        feeds[alias] = _as_tensor(value, dtype, i)
+    out = _run(servable, name, feeds)
+    if output_filter:
+        out = {k: v for k, v in out.items() if k in output_filter}
+    return name, out
+
+
+def _as_tensor(value: np.ndarray, dtype, index: int):
+    import tensorflow as tf
+
+    if dtype == tf.string:
+        if value.dtype.kind not in "OSU":
+            raise invalid(f"Expects arg[{index}] to be string but {_dtype_name(value)} is provided")
+        return tf.constant(value.astype(object) if value.dtype.kind != "O" else value, dtype=tf.string)
+    if value.dtype.kind in "OSU":
+        raise invalid(f"Expects arg[{index}] to be {dtype_string(dtype)} but string is provided")
+    return tf.constant(value.astype(dtype.as_numpy_dtype, copy=False))
+
+
+_TF_NAMES = {"float32": "float", "float64": "double", "float16": "half"}
+
+
+def dtype_string(dtype) -> str:
+    """TensorFlow's DataTypeString spelling (float, double, int32, string ...), as in TF Serving's messages."""
+    return _TF_NAMES.get(dtype.name, dtype.name)
+
+
+def _dtype_name(a: np.ndarray) -> str:
+    import tensorflow as tf
+
+    try:
+        return dtype_string(tf.dtypes.as_dtype(a.dtype))
+    except TypeError:
+        return str(a.dtype)
+
+
+def _examples_tensor(serialized: list[bytes]):
+    import tensorflow as tf
+
+    return tf.constant(serialized, dtype=tf.string)
+
+
+def serialized_examples(input_proto) -> list[bytes]:
+    """tensorflow.serving.Input (ExampleList or ExampleListWithContext) -> serialized
+    tf.Examples, each merged with the context as TF Serving does."""
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        examples = list(input_proto.example_list.examples)
+        out = [e.SerializeToString() for e in examples]
+    elif kind == "example_list_with_context":
+        ctx = input_proto.example_list_with_context.context
+        out = []
+        for e in input_proto.example_list_with_context.examples:
+            merged = type(e)()
+            merged.CopyFrom(ctx)
+            merged.MergeFrom(e)
+            out.append(merged.SerializeToString())
+    else:
+        raise invalid("Input is empty.")
+    if not out:
+        raise invalid("Input is empty.")
+    return out
+
+
+def classify(servable: Servable, signature_name: str, input_proto):
+    """Runs a classify signature; returns a ``ClassificationResult`` proto."""
+    from tensorflow_serving.apis import classification_pb2
+
+    name, sig = signature_def(servable, signature_name)
+    if sig.method_name != CLASSIFY_METHOD:
+        raise invalid(f"Expected classification signature method_name to be {CLASSIFY_METHOD}. Was: {sig.method_name}")
+    (alias,) = sig.inputs
+    examples = serialized_examples(input_proto)
+    out = _run(servable, name, {alias: _examples_tensor(examples)})
+    classes, scores = out.get("classes"), out.get("scores")
+    if classes is None and scores is None:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected classification signature outputs: classes or scores.")
+    n = len(examples)
+    result = classification_pb2.ClassificationResult()
+    for b in range(n):
+        c = result.classifications.add()
+        width = (scores if scores is not None else classes).reshape(n, -1).shape[1]
+        for k in range(width):
+            cls = c.classes.add()
+            if classes is not None:
+                cls.label = classes.reshape(n, -1)[b, k].decode() if isinstance(classes.reshape(n, -1)[b, k], bytes) \
+                    else str(classes.reshape(n, -1)[b, k])
+            if scores is not None:
+                cls.score = float(scores.reshape(n, -1)[b, k])
+    return result
+
+
+def regress(servable: Servable, signature_name: str, input_proto):
+    """Runs a regress signature; returns a ``RegressionResult`` proto."""
+    from tensorflow_serving.apis import regression_pb2
+
+    name, sig = signature_def(servable, signature_name)
+    if sig.method_name != REGRESS_METHOD:
+        raise invalid(f"Expected regression signature method_name to be {REGRESS_METHOD}. Was: {sig.method_name}")
+    (alias,) = sig.inputs
+    examples = serialized_examples(input_proto)
+    out = _run(servable, name, {alias: _examples_tensor(examples)})
+    values = out.get("outputs", next(iter(out.values()))).reshape(len(examples), -1)
+    if values.shape[1] != 1:
+        raise invalid(f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got {list(values.shape)}")
+    result = regression_pb2.RegressionResult()
+    for v in values[:, 0]:
+        result.regressions.add().value = float(v)
+    return result
+
+
+def metadata_response(servable: Servable, metadata_fields: list[str]):
+    """A ``GetModelMetadataResponse`` with the ``signature_def`` field (the only one TF Serving has)."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    if not metadata_fields:
+        raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
+    for f in metadata_fields:
+        if f != "signature_def":
+            raise invalid(f"Metadata field {f} is not supported")
+    resp = get_model_metadata_pb2.GetModelMetadataResponse()
+    resp.model_spec.name = servable.name
+    resp.model_spec.version.value = servable.version
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    for k, v in servable.signature_defs.items():
+        sig_map.signature_def[k].CopyFrom(v)
+    resp.metadata["signature_def"].Pack(sig_map)
+    return resp
+
+
+def status_response(rows: list[tuple[int, str, str]]):
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    resp = get_model_status_pb2.GetModelStatusResponse()
+    for version, state, error in rows:
+        s = resp.model_version_status.add()
+        s.version = version
+        s.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
+        s.status.error_code = 0 if not error else 2  # OK / UNKNOWN (tensorflow.error.Code)
+        s.status.error_message = error
+    return resp
