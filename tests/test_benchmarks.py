@@ -35,3 +35,18 @@ def test_segmenter_training_benchmark_prints_json():
     # 32x32, depth 2, 4 filters: the first conv alone is 2*32*32*9*1*4 FLOPs.
     assert res["forward_gflops_per_image"] > 2 * 32 * 32 * 9 * 4 / 1e9
     assert res["train_images_per_s"] > 0 and 0 < res["utilisation_of_peak"]
+
+
+def test_serving_latency_benchmark_prints_json():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serving_latency.py"), "--requests", "3", "--clients", "2",
+         "--per-client", "1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["in_process"]["p50_ms"] > 0
+    for proto in ("grpc", "rest"):
+        entry = out["no_batching"][proto]
+        assert entry["p50_ms"] <= entry["p99_ms"]
+        assert abs(entry["p50_ratio_to_in_process"] - entry["p50_ms"] / out["in_process"]["p50_ms"]) < 1e-9
+        assert out["batching"][proto]["throughput_rps_2_clients"] > 0 and out[f"{proto}_batching_speedup"] > 0

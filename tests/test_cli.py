@@ -14,7 +14,7 @@ import pytest
 from tf_bus.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier",
-               "evaluate-classifier"]
+               "evaluate-classifier", "tune", "export", "serve", "predict"]
 
 
 def _run(*args, cwd=None):
@@ -84,3 +84,9 @@ def test_demo_on_synthetic_data(tmp_path):
         assert line in r.stdout
     assert (tmp_path / "demo" / "batch_preview.png").stat().st_size > 5000
     assert (tmp_path / "demo" / "prepared" / "eda" / "eda.json").is_file()
+    for line in ("[6/9] U-Net", "ResNet50 from scratch", "[7/9] exported", "REST POST /v1/models/busi_classifier:predict",
+                 "REST POST /v1/models/busi_segmenter:predict", "gRPC PredictionService.Predict busi_classifier",
+                 "state 30 (30 = AVAILABLE)", "[9/9] server stopped"):
+        assert line in r.stdout, line
+    for model in ("busi_segmenter", "busi_classifier"):
+        assert (tmp_path / "demo" / "models" / model / "1" / "saved_model.pb").is_file()

@@ -170,17 +170,20 @@ def _cmd_eda(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the pipeline on synthetic data or a real release",
-                       description="Run the pipeline: synthetic data (or DATA), prepare, EDA, a batch from each loader.")
+                       description="Run the pipeline: synthetic data (or DATA), prepare, EDA, a batch from each loader, "
+                                   "brief training of both models, export, and tf-bus serve queried over REST and gRPC.")
     p.add_argument("data", metavar="DATA", nargs="?", help="a Dataset_BUSI_with_GT folder (default: synthetic data)")
     p.add_argument("--out", default="demo_output", help="output folder, replaced on each run (default: demo_output)")
     p.add_argument("--n", type=_positive_int, default=60, help="synthetic cases when no DATA is given (default: 60)")
+    p.add_argument("--no-train", action="store_true",
+                   help="stop after the data stage (no training, export or serving)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from tf_bus.demo import run_demo
 
-    run_demo(args.data, args.out, n_synthetic=args.n)
+    run_demo(args.data, args.out, n_synthetic=args.n, train=not args.no_train)
     return 0
 
 

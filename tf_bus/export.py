@@ -144,19 +144,40 @@ def export_run(
     threshold: float | None = None,
 ) -> dict[str, Any]:
     """Exports RUN_DIR's best model to ``model_base_path/name/version`` (see the module
-    docstring) and returns what was written.
+    docstring) and returns what was written. The segmenter's threshold defaults to
+    RUN_DIR/threshold.json (from ``evaluate-segmenter --choose-threshold``), else the run's.
 
     Raises:
         TfBusError: not a run folder, a bad model name, or ``version`` already exists.
     """
     check_model_name(name)
-    if version is not None and version < 1:
-        raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
     kind, record, model = read_run(run_dir)
     if kind == "segmenter" and threshold is None:
         saved = Path(run_dir) / "threshold.json"
         threshold = float(json.loads(saved.read_text())["threshold"]) if saved.exists() else \
             float(record["config"].get("threshold", 0.5))
+    return export_model(model, kind, model_base_path, name, version, threshold=threshold,
+                        source_run=str(Path(run_dir).resolve()))
+
+
+def export_model(
+    model: keras.Model,
+    kind: str,
+    model_base_path: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    *,
+    threshold: float | None = None,
+    source_run: str | None = None,
+) -> dict[str, Any]:
+    """Exports an in-memory ``segmenter`` or ``classifier`` model (see ``export_run``)."""
+    check_model_name(name)
+    if kind not in ("segmenter", "classifier"):
+        raise TfBusError(f"kind must be segmenter or classifier. Received: {kind!r}")
+    if version is not None and version < 1:
+        raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
+    if kind == "segmenter" and threshold is None:
+        threshold = 0.5
     model_dir = Path(model_base_path).expanduser().resolve() / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_dir)
@@ -176,7 +197,7 @@ def export_run(
         meta = {"kind": kind, "model_name": name, "version": version, "input_size": [h, w], "channels": c,
                 "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
                 "threshold": threshold if kind == "segmenter" else None,
-                "source_run": str(Path(run_dir).resolve()), "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
+                "source_run": source_run, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
         write_json_atomic(tmp / "assets.extra" / "tf_bus.json", meta)
         os.rename(tmp, final)
     finally:

@@ -201,16 +201,21 @@ class ModelManager:
     def model_names(self) -> list[str]:
         return sorted(self._models)
 
-    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
-        """The servable a ModelSpec asks for, with TF Serving's errors."""
+    def _spec(self, name: str, version: int | None, label: str | None) -> tuple[ModelState | None, int | None]:
+        """The model's state and the version a (version | label) spec names."""
         if version is not None and label:
             raise invalid(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
+        state = self._models.get(name)
+        if label:
+            if state is None or label not in state.config.version_labels:
+                raise invalid(f"Unrecognized servable version label: {label}")
+            version = state.config.version_labels[label]
+        return state, version
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The servable a ModelSpec asks for, with TF Serving's errors."""
         with self._lock:
-            state = self._models.get(name)
-            if label:
-                if state is None or label not in state.config.version_labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = state.config.version_labels[label]
+            state, version = self._spec(name, version, label)
             if state is None or not state.loaded:
                 req = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
                 raise not_found(f"Servable not found for request: {req}")
@@ -222,14 +227,8 @@ class ModelManager:
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[tuple[int, str, str]]:
         """(version, state, error message) rows as GetModelStatus reports them."""
-        if version is not None and label:
-            raise invalid(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
         with self._lock:
-            state = self._models.get(name)
-            if label:
-                if state is None or label not in state.config.version_labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = state.config.version_labels[label]
+            state, version = self._spec(name, version, label)
             if state is None or not state.states:
                 raise not_found(f"Could not find any versions of model {name}")
             if version is not None:

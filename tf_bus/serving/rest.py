@@ -250,7 +250,7 @@ def _float_texts(a: np.ndarray) -> np.ndarray:
     """Shortest round-trip decimal of each float32/float64 value; whole numbers get '.0';
     NaN and infinities as TF Serving writes them."""
     texts = a.astype(str)
-    if a.size:
+    if a.size and not np.isfinite(a).all():
         texts = np.where(np.isnan(a), "NaN", texts)
         texts = np.where(np.isposinf(a), "Infinity", texts)
         texts = np.where(np.isneginf(a), "-Infinity", texts)
@@ -275,7 +275,9 @@ def _leaf_texts(name: str, a: np.ndarray) -> np.ndarray:
     raise invalid(f"Failed to write JSON value for tensor type: {a.dtype}")
 
 
-def _nest(texts: np.ndarray) -> str:
+def _nest(texts) -> str:
+    if not isinstance(texts, np.ndarray):  # one element of an object array
+        return str(texts)
     if texts.ndim == 0:
         return str(texts)
     if texts.ndim == 1:
@@ -497,6 +499,12 @@ def make_http_server(api: RestApi, port: int, host: str = "0.0.0.0", max_body_by
             length = int(self.headers.get("Content-Length") or 0)
             if length > max_body_bytes:
                 self.close_connection = True
+                left = length  # drain (without keeping) what the client sends, so it reads the answer
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
                 return self._reply(413, json.dumps({"error": f"Request body of {length} bytes exceeds the limit of "
                                                              f"{max_body_bytes} bytes (--rest_api_max_body_bytes)"}))
             body = self.rfile.read(length) if length else b""

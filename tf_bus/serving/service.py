@@ -156,16 +156,21 @@ def serialized_examples(input_proto) -> list[bytes]:
     return out
 
 
+def _run_examples(servable: Servable, signature_name: str, input_proto, method: str, kind: str):
+    """Checks a classify/regress signature, runs it on the request's tf.Examples."""
+    name, sig = signature_def(servable, signature_name)
+    if sig.method_name != method:
+        raise invalid(f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}")
+    (alias,) = sig.inputs
+    examples = serialized_examples(input_proto)
+    return examples, _run(servable, name, {alias: _examples_tensor(examples)})
+
+
 def classify(servable: Servable, signature_name: str, input_proto):
     """Runs a classify signature; returns a ``ClassificationResult`` proto."""
     from tensorflow_serving.apis import classification_pb2
 
-    name, sig = signature_def(servable, signature_name)
-    if sig.method_name != CLASSIFY_METHOD:
-        raise invalid(f"Expected classification signature method_name to be {CLASSIFY_METHOD}. Was: {sig.method_name}")
-    (alias,) = sig.inputs
-    examples = serialized_examples(input_proto)
-    out = _run(servable, name, {alias: _examples_tensor(examples)})
+    examples, out = _run_examples(servable, signature_name, input_proto, CLASSIFY_METHOD, "classification")
     classes, scores = out.get("classes"), out.get("scores")
     if classes is None and scores is None:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected classification signature outputs: classes or scores.")
@@ -188,12 +193,7 @@ def regress(servable: Servable, signature_name: str, input_proto):
     """Runs a regress signature; returns a ``RegressionResult`` proto."""
     from tensorflow_serving.apis import regression_pb2
 
-    name, sig = signature_def(servable, signature_name)
-    if sig.method_name != REGRESS_METHOD:
-        raise invalid(f"Expected regression signature method_name to be {REGRESS_METHOD}. Was: {sig.method_name}")
-    (alias,) = sig.inputs
-    examples = serialized_examples(input_proto)
-    out = _run(servable, name, {alias: _examples_tensor(examples)})
+    examples, out = _run_examples(servable, signature_name, input_proto, REGRESS_METHOD, "regression")
     values = out.get("outputs", next(iter(out.values()))).reshape(len(examples), -1)
     if values.shape[1] != 1:
         raise invalid(f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got {list(values.shape)}")

@@ -182,7 +182,10 @@ def _summarise(tune: TuneConfig, tuner, out: Path, wall: float) -> dict[str, Any
             + (f"The first error: {errors[0]}. " if errors else "")
             + f"Each trial's status and error are in {out / 'trials.json'}."
         )
-    best_trial = tuner.oracle.get_best_trials(1)[0]
+    # The highest score; among equal scores the earliest trial, so that a resumed search
+    # names the same best trial (KerasTuner's own order of ties is not stable).
+    top = max(r["score"] for r in done)
+    best_trial = tuner.oracle.get_trial(next(r["trial_id"] for r in done if r["score"] == top))
     best_config = trial_config(tune, best_trial.hyperparameters)
     best = {
         "objective": OBJECTIVE, "direction": "max", "tuner": tune.tuner,
