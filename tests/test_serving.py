@@ -320,3 +320,23 @@ def test_server_side_batching_joins_concurrent_requests(base):
         srv.stop()
     assert results == {i: [0.5 * i + 2] for i in range(16)}
     assert srv.batcher.tasks_run == 16 and srv.batcher.batches_run < 16
+
+
+def test_clients_retry_until_the_server_is_up(tmp_path):
+    write_half_plus_two(tmp_path / "hp" / "1")
+    gport, rport = free_port(), free_port()
+    opts = ServerOptions(port=gport, rest_api_port=rport, rest_api_host="127.0.0.1", grpc_host="127.0.0.1",
+                         model_name="hp", model_base_path=str(tmp_path / "hp"), file_system_poll_wait_seconds=0)
+    holder = {}
+    starter = threading.Timer(1.0, lambda: holder.setdefault("srv", ModelServer(opts).start()))
+    starter.start()
+    try:
+        with GrpcClient(f"127.0.0.1:{gport}", retries=6, backoff=0.25) as c:
+            assert c.predict("hp", {"x": np.array([2.0], np.float32)})["y"].tolist() == [3.0]
+        assert RestClient(f"127.0.0.1:{rport}", retries=6, backoff=0.25).predict("hp", instances=[2.0]) == {"predictions": [3.0]}
+        with GrpcClient("127.0.0.1:1", retries=0, timeout=5) as c, pytest.raises(ServingClientError) as info:
+            c.predict("hp", {"x": np.array([2.0], np.float32)})
+        assert info.value.status == "UNAVAILABLE"
+    finally:
+        starter.join()
+        holder["srv"].stop()

@@ -53,6 +53,10 @@ def test_run_dir_contents(tiny_run):
     assert summary["epochs_run_in_this_fit"] == 2 and 0 <= summary["best_val_dice"] <= 1
     model = keras.saving.load_model(run / "best.keras")
     assert model.output_shape == (None, 32, 32, 1)
+    diag = json.loads((run / "diagnostics.json").read_text())
+    assert set(diag["rules"]) == {"vanishing_gradient", "exploding_gradient", "overfit", "poor_weight_initialization",
+                                  "loss_not_decreasing"} and diag["gradient_checks"] >= 1
+    assert "| rule | fired |" in (run / "diagnostics.md").read_text()
 
 
 def test_profiler_trace_and_overlays(tiny_run):

@@ -226,6 +226,14 @@ def _add_training_flags(p, d, monitored: str) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
     p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
                    help="write a TensorBoard profiler trace of these training batches (default: none)")
+    p.add_argument("--strategy", choices=("default", "onedevice", "mirrored"), default=d.strategy,
+                   help="tf.distribute strategy: default; onedevice (first GPU, else CPU); mirrored (every GPU, or "
+                        "every logical CPU). --batch-size is the global batch, split evenly over the replicas; the "
+                        "learning rate belongs to the global batch (if you grow the global batch with the replicas, "
+                        "scale the learning rate by the same factor) (default: default)")
+    p.add_argument("--no-diagnostics", action="store_true",
+                   help="turn off the training diagnostics (vanishing/exploding gradients, overfit, poor "
+                        "initialisation, stalled loss; report in RUN_DIR/diagnostics.md)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
 
@@ -235,7 +243,7 @@ def _training_kwargs(args) -> dict:
     return dict(batch_size=args.batch_size, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                 weight_decay=args.weight_decay, augment=not args.no_augment, precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
-                profile_batches=args.profile_batches)
+                profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
 
 
 def _add_train_segmenter(sub) -> None:

@@ -120,19 +120,26 @@ def train_classifier(
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
+    from tf_bus.training.distribute import check_global_batch, make_strategy
+
+    strategy = make_strategy(config.strategy)
+    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
     # Built before any data is read, so a bad --weights fails fast.
-    model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
+    with strategy.scope():
+        model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
 
     data_ = classifier_data(data, config, splits_file)
     train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
     weights_by_class = data_.class_weight
     write_json_atomic(run_dir / "config.json", {
-        **record, "precision": policy, "balance_used": balance, "tf_bus_version": tf_bus.__version__,
+        **record, "precision": policy, "replicas": strategy.num_replicas_in_sync, "balance_used": balance,
+        "tf_bus_version": tf_bus.__version__,
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
 
     budget = TimeBudget(config.time_budget_minutes)
     logs = run_dir / "logs"
+    sample = next(iter(val_ds)) if config.diagnostics else None  # the diagnostics' probe batch
 
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         cbs = [
@@ -143,6 +150,10 @@ def train_classifier(
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
             budget,
         ]
+        if config.diagnostics:
+            from tf_bus.training.diagnostics import TrainingDiagnostics
+
+            cbs.append(TrainingDiagnostics(run_dir, sample))
         if config.early_stopping_patience:
             cbs.append(keras.callbacks.EarlyStopping(monitor="val_f1", mode="max",
                                                      patience=config.early_stopping_patience))
@@ -160,7 +171,8 @@ def train_classifier(
     try:
         if head_epochs and not head_file.exists():
             set_trainable_stages(model, 0)
-            compile_classifier(model, config, config.learning_rate, head_epochs, steps)
+            with strategy.scope():
+                compile_classifier(model, config, config.learning_rate, head_epochs, steps)
             h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(float(x) for x in v)
@@ -170,7 +182,8 @@ def train_classifier(
         if not budget.stopped_epoch and head_epochs < config.epochs:
             set_trainable_stages(model, config.fine_tune_stages if pretrained else None)
             lr = config.fine_tune_learning_rate if pretrained else config.learning_rate
-            compile_classifier(model, config, lr, config.epochs - head_epochs, steps)
+            with strategy.scope():
+                compile_classifier(model, config, lr, config.epochs - head_epochs, steps)
             h = model.fit(train_ds, initial_epoch=head_epochs, epochs=config.epochs, callbacks=callbacks("backup"),
                           **fit_kw)
             for k, v in h.history.items():

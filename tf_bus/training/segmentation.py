@@ -91,12 +91,18 @@ def train_segmenter(
     n_train = count_segmentation_examples(data, "train", splits_file=splits_file)
     val_images, val_masks = next(iter(val_ds))
 
-    model = build_segmenter(config)
-    model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
-                                            config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
-                  metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
+    from tf_bus.training.distribute import check_global_batch, make_strategy
+
+    strategy = make_strategy(config.strategy)
+    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
+    with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
+        model = build_segmenter(config)
+        model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
+                                                config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
+                      metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
     write_json_atomic(run_dir / "config.json", {
-        **record, "precision": policy, "tf_bus_version": tf_bus.__version__,
+        **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
+        "tf_bus_version": tf_bus.__version__,
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
     logs = run_dir / "logs"
@@ -111,6 +117,10 @@ def train_segmenter(
         MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
         budget,
     ]
+    if config.diagnostics:
+        from tf_bus.training.diagnostics import TrainingDiagnostics
+
+        callbacks.append(TrainingDiagnostics(run_dir, (val_images[:8], val_masks[:8])))
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
                                                        patience=config.early_stopping_patience))

@@ -1,0 +1,79 @@
+"""Each Debugger rule fires on a model built to trigger it, and stays quiet on a healthy one."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from tf_bus.training.diagnostics import RULES, TrainingDiagnostics
+
+
+def data(n=64, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = (x[:, :1] * 0.7 - x[:, 1:2] * 0.3).astype("float32")
+    return x, y
+
+
+def mlp(depth=3, width=16, activation="relu", init="he_normal", bias=0.0, lr=1e-2, optimizer="adam"):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,))] + [
+        keras.layers.Dense(width, activation=activation, kernel_initializer=init,
+                           bias_initializer=keras.initializers.Constant(bias)) for _ in range(depth)
+    ] + [keras.layers.Dense(1)])
+    opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr)
+    model.compile(optimizer=opt, loss="mse")
+    return model
+
+
+def run(model, tmp_path, epochs=8, val=None, **kw):
+    x, y = data()
+    diag = TrainingDiagnostics(tmp_path, (x[:16], y[:16]), every_n_steps=2, **kw)
+    model.fit(x, y, batch_size=16, epochs=epochs, validation_data=val, callbacks=[diag], verbose=0)
+    return diag
+
+
+HEALTHY = dict()
+CASES = {
+    "vanishing_gradient": (lambda: mlp(depth=12, activation="sigmoid", init=keras.initializers.RandomNormal(stddev=1e-3)),
+                           dict(vanishing_threshold=1e-6)),
+    "exploding_gradient": (lambda: mlp(lr=1e12, optimizer="sgd"), dict()),
+    "poor_weight_initialization": (lambda: mlp(bias=-10.0), dict()),
+    "loss_not_decreasing": (lambda: mlp(lr=0.0, optimizer="sgd"), dict(stall_epochs=3)),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(CASES))
+def test_rule_fires_on_a_model_built_to_trigger_it(rule, tmp_path):
+    build, kw = CASES[rule]
+    diag = run(build(), tmp_path, **kw)
+    assert diag.rules[rule]["triggered"], diag.rules
+    saved = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert saved["rules"][rule]["triggered"]
+    assert "**yes**" in (tmp_path / "diagnostics.md").read_text()
+
+
+def test_exploding_loss_stops_training_with_a_message(tmp_path):
+    diag = run(mlp(lr=1e12, optimizer="sgd"), tmp_path, epochs=50)
+    assert diag.stop_message and "Lower the learning rate" in diag.stop_message
+    assert len(diag._epoch_logs) < 50
+
+
+def test_overfit_fires_when_validation_loss_rises_while_training_loss_falls(tmp_path):
+    x, y = data()
+    xv, yv = data(seed=1)
+    yv = -yv  # a validation target the training data teaches the opposite of
+    diag = run(mlp(depth=3, width=64, lr=1e-2), tmp_path, epochs=12, val=(xv, yv), overfit_epochs=3)
+    assert diag.rules["overfit"]["triggered"], diag._epoch_logs
+
+
+def test_a_healthy_run_fires_nothing(tmp_path):
+    x, y = data()
+    diag = run(mlp(), tmp_path, epochs=8, val=(x, y))
+    assert not any(r["triggered"] for r in diag.rules.values()), diag.rules
+    assert set(diag.rules) == set(RULES)
+    assert diag.grad_history and (tmp_path / "gradient_norms.png").read_bytes()[:4] == b"\x89PNG"
+    assert diag.rules["poor_weight_initialization"]["measured"]["dead_relu_layers"] == {}

@@ -1,0 +1,60 @@
+"""--strategy: MirroredStrategy over 2 logical CPU devices trains the U-Net, OneDeviceStrategy
+the classifier (in a fresh process, since logical devices must be set before TensorFlow starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tf_bus.config import ConfigError, SegmenterConfig
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from tf_bus.config import ClassifierConfig, SegmenterConfig
+    from tf_bus.training.segmentation import train_segmenter
+    from tf_bus.training.classification import train_classifier
+    data, out = sys.argv[1], sys.argv[2]
+    seg = train_segmenter(data, out + "/seg", SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1,
+                          batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
+    w = out + "/w.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(w)
+    cls = train_classifier(data, out + "/cls", ClassifierConfig(image_size=(32, 32), weights=w, head_epochs=1, epochs=1,
+                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="onedevice"), verbose=0)
+    print(json.dumps({"seg": seg, "cls": cls}))
+""")
+
+
+def test_mirrored_over_two_logical_cpus(prepared, tmp_path):
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(prepared), str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 <= out["seg"]["best_val_dice"] <= 1 and 0 <= out["cls"]["best_val_f1"] <= 1
+    for run, strategy, replicas in (("seg", "mirrored", 2), ("cls", "onedevice", 1)):
+        record = json.loads((tmp_path / run / "config.json").read_text())
+        assert record["replicas"] == replicas and record["config"]["strategy"] == strategy
+        assert (tmp_path / run / "best.keras").is_file()
+
+
+def test_bad_strategy_and_uneven_global_batch():
+    from tf_bus.config import ClassifierConfig
+
+    with pytest.raises(ConfigError, match="strategy"):
+        SegmenterConfig(strategy="tpu")
+    with pytest.raises(ConfigError, match="not supported for the classifier yet"):
+        ClassifierConfig(strategy="mirrored")
+    from tf_bus.training.distribute import check_global_batch
+
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        check_global_batch(7, 2)
