@@ -14,7 +14,7 @@ from tf_bus.serving.rest import outputs_json, predict_inputs, to_array
 
 @pytest.mark.parametrize("outputs,fmt,expected", [
     ({"y": np.array([2.5, 3.0], np.float32)}, "row", '{"predictions":[2.5,3.0]}'),
-    ({"y": np.array([[0.1, 1e-5]], np.float32)}, "row", '{"predictions":[[0.1,1e-05]]}'),
+    ({"y": np.array([[0.1, 1e-5]], np.float32)}, "row", '{"predictions":[[0.1,0.00001]]}'),
     ({"y": np.array([np.nan, np.inf, -np.inf], np.float32)}, "columnar", '{"outputs":[NaN,Infinity,-Infinity]}'),
     ({"a": np.array([1, 2], np.int64), "b": np.array([True, False])}, "row",
      '{"predictions":[{"a":1,"b":true},{"a":2,"b":false}]}'),

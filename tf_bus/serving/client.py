@@ -23,6 +23,17 @@ from typing import Any
 import numpy as np
 
 
+def _loads(data: bytes):
+    """JSON -> Python, with orjson where the text allows (TF Serving may write NaN/Infinity,
+    which only the standard library reads)."""
+    import orjson
+
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 class ServingClientError(Exception):
     """The server answered with an error (``status``: HTTP status or gRPC code name)."""
 
@@ -59,7 +70,7 @@ class RestClient:
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())
+                    return _loads(r.read())
             except urllib.error.HTTPError as e:
                 text = e.read().decode("utf-8", "replace")
                 if e.code == 503 and attempt < self.retries:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+import orjson
 
 from tf_bus.serving import service
 from tf_bus.serving.core import ModelManager, ServingError, invalid
@@ -285,28 +286,39 @@ def _nest(texts) -> str:
     return "[" + ",".join(_nest(t) for t in texts) + "]"
 
 
+def _json_of(name: str, a: np.ndarray) -> str:
+    """One tensor (or one row of it) as JSON text. Finite numbers go through orjson
+    (shortest round-trip decimals, ~30x quicker than formatting in Python: a 480x560
+    mask is 269 k floats); NaN/Infinity, strings and bytes through ``_leaf_texts``."""
+    a = np.asarray(a)
+    if a.ndim and a.dtype.kind in "iub" or (a.ndim and a.dtype.kind == "f" and np.isfinite(a).all()):
+        return orjson.dumps(a.astype(np.float32) if a.dtype == np.float16 else a,
+                            option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return _nest(_leaf_texts(name, a))
+
+
 def outputs_json(outputs: dict[str, np.ndarray], fmt: str) -> str:
     if not outputs:
         raise invalid("Cannot convert empty tensor map to JSON")
     names = sorted(outputs)
-    texts = {n: _leaf_texts(n, np.asarray(outputs[n])) for n in names}
+    arrays = {n: np.asarray(outputs[n]) for n in names}
     if fmt == "columnar":
         if len(names) == 1:
-            return '{"outputs":' + _nest(texts[names[0]]) + "}"
-        return '{"outputs":{' + ",".join(json.dumps(n) + ":" + _nest(texts[n]) for n in names) + "}}"
+            return '{"outputs":' + _json_of(names[0], arrays[names[0]]) + "}"
+        return '{"outputs":{' + ",".join(json.dumps(n) + ":" + _json_of(n, arrays[n]) for n in names) + "}}"
     batch = None
     for n in names:
-        if texts[n].ndim == 0:
+        if arrays[n].ndim == 0:
             raise invalid(f"Tensor name: {n} has no shape information ")
-        if batch is not None and texts[n].shape[0] != batch:
-            raise invalid(f"Tensor name: {n} has inconsistent batch size: {texts[n].shape[0]} expecting: {batch}")
-        batch = texts[n].shape[0]
+        if batch is not None and arrays[n].shape[0] != batch:
+            raise invalid(f"Tensor name: {n} has inconsistent batch size: {arrays[n].shape[0]} expecting: {batch}")
+        batch = arrays[n].shape[0]
     items = []
     for i in range(batch or 0):
         if len(names) == 1:
-            items.append(_nest(texts[names[0]][i]))
+            items.append(_json_of(names[0], arrays[names[0]][i]))
         else:
-            items.append("{" + ",".join(json.dumps(n) + ":" + _nest(texts[n][i]) for n in names) + "}")
+            items.append("{" + ",".join(json.dumps(n) + ":" + _json_of(n, arrays[n][i]) for n in names) + "}")
     return '{"predictions":[' + ",".join(items) + "]}"
 
 
