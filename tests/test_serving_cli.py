@@ -53,6 +53,17 @@ def test_docker_compose_runs_the_official_image_over_these_configs():
     assert "minio" in compose["services"] and (REPO / "docker/Dockerfile").is_file()
 
 
+def test_docker_compose_minio_is_what_the_stage_commands_are_pointed_at():
+    compose = yaml.safe_load((REPO / "docker/docker-compose.yml").read_text())
+    minio, setup, train = (compose["services"][k] for k in ("minio", "minio-setup", "train"))
+    assert "9000:9000" in minio["ports"]
+    env = train["environment"]
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"])
+    assert "local/busi" in setup["command"][0] and setup["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
 @pytest.mark.slow
 def test_serve_and_predict_processes(tiny_runs, tmp_path):
     base = tmp_path / "models"

@@ -120,20 +120,29 @@ def _add_prepare(sub) -> None:
                                    "(class-stratified), and write OUT_DIR/classification, "
                                    "OUT_DIR/segmentation, splits.json, duplicates.json, manifest.json. "
                                    "Written to a temporary folder and renamed at the end.")
-    p.add_argument("raw_dir", metavar="RAW_DIR", help="Dataset_BUSI_with_GT (or its parent); never modified")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (refused if it exists, unless --overwrite)")
+    _add_prepare_args(p)
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _add_prepare_config_flags(p) -> None:
+    """The flags that make a PrepareConfig (prepare, stage prepare, stage all)."""
     p.add_argument("--split", type=_fractions, default=None, metavar="TR,VA,TE",
                    help="split fractions train,validation,test (default: 0.7,0.15,0.15)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the split (default: 1337)")
     p.add_argument("--balance", choices=("augment", "none"), default="augment",
                    help="augment: add augmented copies of minority classes to classification/train only; "
                         "none: leave it (use class weights or balanced sampling) (default: augment)")
+    _add_read_flags(p)
+
+
+def _add_prepare_args(p) -> None:
+    p.add_argument("raw_dir", metavar="RAW_DIR", help="Dataset_BUSI_with_GT (or its parent); never modified")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--splits", metavar="SPLITS_JSON", help="reuse this splits.json instead of making a split")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR once the new one is complete; its splits.json is reused")
     p.add_argument("--resplit", action="store_true", help="with --overwrite: make a new split instead of reusing")
-    _add_read_flags(p)
-    p.set_defaults(func=_cmd_prepare)
+    _add_prepare_config_flags(p)
 
 
 def _cmd_prepare(args) -> int:
@@ -145,6 +154,127 @@ def _cmd_prepare(args) -> int:
     if report.cross_class_groups:
         print(f"note: {len(report.cross_class_groups)} duplicate group(s) are filed under two classes "
               "(see duplicates.json, cross_class_groups); each stays within one split.")
+    return 0
+
+
+def _add_s3_connection_flags(p) -> None:
+    """Where the S3 store is; credentials come only from boto3's chain, never from flags."""
+    p.add_argument("--endpoint-url", default=None, metavar="URL",
+                   help="S3-compatible endpoint (MinIO, Ceph, Swift s3api), e.g. http://localhost:9000 "
+                        "(default: AWS_ENDPOINT_URL, else AWS S3). Credentials come from the environment "
+                        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), ~/.aws or an instance role, never from flags")
+    p.add_argument("--aws-profile", default=None, metavar="NAME",
+                   help="named profile of ~/.aws/config (default: AWS_PROFILE, else default)")
+    p.add_argument("--region", default=None, help="region (default: the profile's, AWS_REGION, else us-east-1)")
+    p.add_argument("--retries", type=_positive_int, default=5, metavar="N",
+                   help="attempts per request, retried with exponential backoff by botocore (default: 5)")
+
+
+def _add_s3_data_flags(p) -> None:
+    """For commands whose --data may be an s3:// publish."""
+    _add_s3_connection_flags(p)
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where s3:// data is staged (default: TF_BUS_CACHE/s3, else ~/.cache/tf-bus/s3)")
+
+
+def _stage_config(args):
+    from tf_bus.config import StageConfig
+
+    kw = dict(endpoint_url=args.endpoint_url, profile=args.aws_profile, region=args.region, max_attempts=args.retries)
+    for flag, field_name in (("concurrency", "max_concurrency"), ("chunk_mb", "multipart_chunk_mb"),
+                             ("threshold_mb", "multipart_threshold_mb"), ("max_unzip_mb", "max_unzip_mb"),
+                             ("cache_dir", "cache_dir")):
+        if getattr(args, flag, None) is not None:
+            kw[field_name] = getattr(args, flag)
+    return StageConfig(**kw)
+
+
+def _add_stage(sub) -> None:
+    from tf_bus.config import StageConfig
+
+    d = StageConfig()
+    p = sub.add_parser("stage", help="S3 staging with boto3: upload, fetch, prepare, publish (or all five steps)",
+                       description="The data steps through S3 (AWS, MinIO, Ceph, Swift s3api): 1 upload the raw "
+                                   "release, 2 fetch + verify + unzip it, 3-4 prepare (structure + leak-free split), "
+                                   "5 publish both layouts with a manifest.json written last. Every step is "
+                                   "idempotent: run it again to skip what is done and finish what was interrupted.")
+    steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
+
+    def common(q, transfers: bool = True) -> None:
+        _add_s3_connection_flags(q)
+        if transfers:
+            q.add_argument("--concurrency", type=_positive_int, default=d.max_concurrency,
+                           help=f"parallel files and multipart parts (default: {d.max_concurrency})")
+            q.add_argument("--chunk-mb", type=_positive_int, default=d.multipart_chunk_mb,
+                           help=f"multipart part size in MiB, at least 5 (default: {d.multipart_chunk_mb})")
+            q.add_argument("--threshold-mb", type=_positive_int, default=d.multipart_threshold_mb,
+                           help=f"files this large or larger go up in parts (default: {d.multipart_threshold_mb})")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = steps.add_parser("upload", help="1: upload the raw release zip (or zip a folder on the fly)",
+                         description="Upload RAW_ZIP_OR_DIR to S3_URL (a prefix ending with / gets the zip's name; "
+                                     "a folder is zipped reproducibly, so a re-run recognises the same content). "
+                                     "Skipped if the same bytes are there; an interrupted multipart upload resumes.")
+    q.add_argument("src", metavar="RAW_ZIP_OR_DIR", help="the BUSI zip, or Dataset_BUSI_with_GT (or its parent)")
+    q.add_argument("dest", metavar="S3_URL", help="s3://BUCKET/PREFIX/raw/ (or a full key)")
+    common(q)
+    q.set_defaults(func=_cmd_stage)
+
+    q = steps.add_parser("fetch", help="2: download, verify (MD5/ETag) and safely unzip the raw release",
+                         description="Download the zip at S3_URL (or the one zip under a prefix) into LOCAL_DIR, "
+                                     "verify its checksum, and unzip it into LOCAL_DIR/<zip name>/, refusing absolute "
+                                     "paths, '..' members, links and zip bombs. Prints the release root.")
+    q.add_argument("src", metavar="S3_URL", help="s3://BUCKET/PREFIX/raw/ or s3://BUCKET/PREFIX/raw/NAME.zip")
+    q.add_argument("dest", metavar="LOCAL_DIR", help="where the zip and the unzipped release go")
+    q.add_argument("--max-unzip-mb", type=_positive_int, default=d.max_unzip_mb,
+                   help=f"refuse archives that unpack to more than this (default: {d.max_unzip_mb})")
+    common(q)
+    q.set_defaults(func=_cmd_stage)
+
+    q = steps.add_parser("prepare", help="3-4: structure the folders and split (the foundation's prepare)",
+                         description="Exactly `tf-bus prepare` on a fetched release: group duplicates, split "
+                                     "train/validation/test by group, write both layouts.")
+    _add_prepare_args(q)
+    q.set_defaults(func=_cmd_prepare)
+
+    q = steps.add_parser("publish", help="5: upload both layouts + split; manifest.json last",
+                         description="Upload a `tf-bus prepare` output to S3_URL in parallel, skipping files already "
+                                     "there with the same content, verify every object, then write S3_URL/manifest.json "
+                                     "(each file's key, size, MD5). Readers (training on s3://) trust only a manifest.")
+    q.add_argument("src", metavar="LOCAL_OUT", help="a `tf-bus prepare` output folder")
+    q.add_argument("dest", metavar="S3_URL", help="s3://BUCKET/PREFIX/ready/")
+    common(q)
+    q.set_defaults(func=_cmd_stage)
+
+    q = steps.add_parser("all", help="the five steps in order: upload, fetch, prepare, publish",
+                         description="upload RAW to S3_BASE/raw/, fetch it into WORK/raw, prepare WORK/prepared, "
+                                     "publish to S3_BASE/ready/. Run it again to finish an interrupted run; what is "
+                                     "done is skipped.")
+    q.add_argument("src", metavar="RAW_ZIP_OR_DIR", help="the BUSI zip, or Dataset_BUSI_with_GT (or its parent)")
+    q.add_argument("dest", metavar="S3_BASE", help="s3://BUCKET/PREFIX/ (raw/ and ready/ go under it)")
+    q.add_argument("--work", required=True, metavar="WORK_DIR", help="local folder for the fetched and prepared data")
+    q.add_argument("--max-unzip-mb", type=_positive_int, default=d.max_unzip_mb,
+                   help=f"refuse archives that unpack to more than this (default: {d.max_unzip_mb})")
+    _add_prepare_config_flags(q)
+    common(q)
+    q.set_defaults(func=_cmd_stage)
+
+
+def _cmd_stage(args) -> int:
+    from tf_bus import staging
+
+    config = _stage_config(args)
+    if args.step == "upload":
+        reports = [staging.upload(args.src, args.dest, config, quiet=args.quiet)]
+    elif args.step == "fetch":
+        reports = [staging.fetch(args.src, args.dest, config, quiet=args.quiet)]
+    elif args.step == "publish":
+        reports = [staging.publish(args.src, args.dest, config, quiet=args.quiet)]
+    else:
+        reports = staging.stage_all(args.src, args.dest, args.work, config, _prepare_config(args), quiet=args.quiet,
+                                    log=lambda m: print(m, file=sys.stderr))
+    out = [r.to_dict() for r in reports]
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     return 0
 
 
@@ -255,7 +385,9 @@ def _add_train_segmenter(sub) -> None:
                                    "last.keras, history.csv/json, logs/ for TensorBoard). Starting again with the "
                                    "same --out after a kill resumes from the last finished epoch.")
     p.add_argument("--data", required=True, metavar="DIR",
-                   help="a `tf-bus prepare` output, its segmentation/ layout, or a raw Dataset_BUSI_with_GT")
+                   help="a `tf-bus prepare` output, its segmentation/ layout, a raw Dataset_BUSI_with_GT, or the "
+                        "s3:// prefix of a `tf-bus stage publish` (staged to a local cache first)")
+    _add_s3_data_flags(p)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (resumed if unfinished)")
     p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use (default: computed as prepare does)")
     p.add_argument("--image-size", type=_size, default=d.image_size, metavar="H,W",
@@ -300,7 +432,9 @@ def _add_evaluate_segmenter(sub) -> None:
                                    "(lesion and normal images apart) to RUN_DIR/eval_SPLIT/metrics.json and an "
                                    "overlay grid to overlays.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter run folder")
-    p.add_argument("--data", required=True, metavar="DIR", help="prepare output, segmentation layout, or raw release")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="prepare output, segmentation layout, raw release, or an s3:// publish")
+    _add_s3_data_flags(p)
     p.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate (default: test)")
     p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split file to use")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the left-right flip")
@@ -325,7 +459,9 @@ def _cmd_evaluate_segmenter(args) -> int:
 def _add_classifier_flags(p, d) -> None:
     """Data and model flags that train-classifier and tune share."""
     p.add_argument("--data", required=True, metavar="DIR",
-                   help="a `tf-bus prepare` output, its classification/ layout, or a raw Dataset_BUSI_with_GT")
+                   help="a `tf-bus prepare` output, its classification/ layout, a raw Dataset_BUSI_with_GT, or the "
+                        "s3:// prefix of a `tf-bus stage publish` (staged to a local cache first)")
+    _add_s3_data_flags(p)
     p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split to use")
     p.add_argument("--weights", default="none", metavar="imagenet|none|PATH",
                    help="backbone weights: imagenet (downloaded by Keras), none (from scratch), or a local "
@@ -388,7 +524,9 @@ def _add_evaluate_classifier(sub) -> None:
                        description="Evaluate RUN_DIR's best classifier on a split (original images only): "
                                    "metrics.json, confusion_matrix.png and roc.png in RUN_DIR/eval_SPLIT.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train-classifier run folder")
-    p.add_argument("--data", required=True, metavar="DIR", help="prepare output, classification layout, or raw release")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="prepare output, classification layout, raw release, or an s3:// publish")
+    _add_s3_data_flags(p)
     p.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate (default: test)")
     p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split file to use")
     p.set_defaults(func=_cmd_evaluate_classifier)
@@ -639,11 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-bus",
         description="Breast ultrasound (BUSI) lesion segmentation and classification with Keras 3. "
-                    "Stages in data-flow order: synth/check -> prepare -> eda -> (train, evaluate, export, serve).",
+                    "Stages in data-flow order: synth/check -> stage (S3) / prepare -> eda -> (train, tune, evaluate, export, "
+                    "serve, predict).",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_eda, _add_train_segmenter,
+    for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_stage, _add_eda, _add_train_segmenter,
                 _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier, _add_tune, _add_export, _add_serve, _add_predict):
         add(sub)
     return parser
@@ -661,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "cache_dir", "absent") != "absent":
+            from tf_bus.staging import local_data
+
+            args.data = local_data(args.data, _stage_config(args), quiet=getattr(args, "quiet", False))
         return args.func(args)
     except (TfBusError, ConfigError) as e:
         print(f"tf-bus {args.command}: error: {e}", file=sys.stderr)

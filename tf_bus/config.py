@@ -149,6 +149,71 @@ class PrepareConfig:
 
 
 @dataclass
+class StageConfig:
+    """`tf-bus stage`: moving the release and the prepared layouts through S3 with boto3.
+
+    Credentials, profile and region come from boto3's usual chain (environment,
+    ``~/.aws/config`` and ``credentials``, instance roles); they are never flags.
+
+    Args:
+        endpoint_url: an S3-compatible endpoint (MinIO, Ceph, Swift s3api); ``None`` reads
+            ``AWS_ENDPOINT_URL`` (then AWS itself).
+        profile: a named profile of ``~/.aws/config``; ``None`` uses ``AWS_PROFILE``/default.
+        region: the region; ``None`` uses the profile's or ``AWS_REGION``.
+        max_attempts: attempts per request, retried with backoff by botocore.
+        retry_mode: botocore's retry mode (``standard`` or ``adaptive``).
+        connect_timeout: seconds to open a connection.
+        read_timeout: seconds to wait for data on an open connection.
+        max_concurrency: parallel files (publish/download) and parts (multipart).
+        multipart_threshold_mb: files at least this large go up in parts.
+        multipart_chunk_mb: the part size (S3 requires >= 5 MiB except the last part).
+        max_unzip_mb: refuse a zip whose members add up to more than this.
+        max_unzip_ratio: refuse a member that expands more than this many times (zip bombs).
+        cache_dir: where `s3://` training data is staged; ``None`` reads ``TF_BUS_CACHE``,
+            then ``~/.cache/tf-bus``.
+    """
+
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+    max_attempts: int = 5
+    retry_mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_concurrency: int = 8
+    multipart_threshold_mb: int = 16
+    multipart_chunk_mb: int = 8
+    max_unzip_mb: int = 8192
+    max_unzip_ratio: float = 200.0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"`endpoint_url` must start with http:// or https://. Received: endpoint_url={self.endpoint_url!r}"
+            )
+        for name in ("max_attempts", "max_concurrency", "max_unzip_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)!r}")
+        if self.retry_mode not in ("standard", "adaptive", "legacy"):
+            raise ConfigError(f"`retry_mode` must be standard, adaptive or legacy. Received: {self.retry_mode!r}")
+        if self.multipart_chunk_mb < 5:
+            raise ConfigError(
+                f"`multipart_chunk_mb` must be >= 5 (S3's smallest part). Received: {self.multipart_chunk_mb!r}"
+            )
+        if self.multipart_threshold_mb < self.multipart_chunk_mb:
+            raise ConfigError(
+                "`multipart_threshold_mb` must be >= `multipart_chunk_mb`. Received: "
+                f"{self.multipart_threshold_mb!r} < {self.multipart_chunk_mb!r}"
+            )
+        if self.max_unzip_ratio <= 1:
+            raise ConfigError(f"`max_unzip_ratio` must be > 1. Received: {self.max_unzip_ratio!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class AugmentConfig:
     """Paired image/mask augmentation (identical geometry for image and mask).
 
