@@ -429,3 +429,28 @@ def test_stage_real_busi(swift, bucket, real_busi, real_prepared, tmp_path):
     assert staging.publish(real_prepared, f"s3://{bucket}/busi/ready/", cfg, quiet=True).uploaded == 0
     staged = staging.stage_dataset(f"s3://{bucket}/busi/ready/", cfg, dest=tmp_path / "staged")
     assert _tree(staged) == _tree(real_prepared)
+
+
+@pytest.mark.parametrize("algorithm", ["SHA256", "CRC32"])
+def test_additional_checksum_is_sent_and_accepted(swift, bucket, tmp_path, algorithm):
+    """--checksum-algorithm: every PUT and part carries x-amz-checksum-*; the store checks it."""
+    cfg = _config(multipart_threshold_mb=5, multipart_chunk_mb=5, checksum_algorithm=algorithm)
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w") as zf:
+        zf.writestr("Dataset_BUSI_with_GT/benign/noise.bin", __import__("numpy").random.default_rng(1).bytes(11 << 20))
+    client = staging.make_client(cfg)
+    headers = []
+    client.meta.events.register("before-send.s3.*", lambda request, **kw: headers.append(
+        (request.method, {k.lower(): v for k, v in request.headers.items()})))
+    staging.upload(big, f"s3://{bucket}/raw/", cfg, quiet=True, client=client)
+    sent = [h for m, h in headers if m == "PUT"]
+    assert len(sent) == 3  # three parts
+    name = f"x-amz-checksum-{algorithm.lower()}"
+    assert all(name in h or name in str(h.get("x-amz-trailer", "")) for h in sent), sent
+    r = staging.fetch(f"s3://{bucket}/raw/", tmp_path / "f", cfg, quiet=True, client=client)
+    assert (Path(r.local) / "benign" / "noise.bin").stat().st_size == 11 << 20
+    small = _zip(tmp_path / "small.zip", [("D/benign/a.png", b"png", REG)])
+    headers.clear()
+    staging.upload(small, f"s3://{bucket}/raw-small/", cfg, quiet=True, client=client)
+    (put,) = [h for m, h in headers if m == "PUT"]
+    assert name in put or name in str(put.get("x-amz-trailer", ""))

@@ -183,14 +183,14 @@ def _stage_config(args):
     kw = dict(endpoint_url=args.endpoint_url, profile=args.aws_profile, region=args.region, max_attempts=args.retries)
     for flag, field_name in (("concurrency", "max_concurrency"), ("chunk_mb", "multipart_chunk_mb"),
                              ("threshold_mb", "multipart_threshold_mb"), ("max_unzip_mb", "max_unzip_mb"),
-                             ("cache_dir", "cache_dir")):
+                             ("cache_dir", "cache_dir"), ("checksum_algorithm", "checksum_algorithm")):
         if getattr(args, flag, None) is not None:
             kw[field_name] = getattr(args, flag)
     return StageConfig(**kw)
 
 
 def _add_stage(sub) -> None:
-    from tf_bus.config import StageConfig
+    from tf_bus.config import CHECKSUM_ALGORITHMS, StageConfig
 
     d = StageConfig()
     p = sub.add_parser("stage", help="S3 staging with boto3: upload, fetch, prepare, publish (or all five steps)",
@@ -209,6 +209,10 @@ def _add_stage(sub) -> None:
                            help=f"multipart part size in MiB, at least 5 (default: {d.multipart_chunk_mb})")
             q.add_argument("--threshold-mb", type=_positive_int, default=d.multipart_threshold_mb,
                            help=f"files this large or larger go up in parts (default: {d.multipart_threshold_mb})")
+            q.add_argument("--checksum-algorithm", choices=CHECKSUM_ALGORITHMS, default=None,
+                           help="also send S3's additional checksum (x-amz-checksum-*) with every upload and validate "
+                                "it on downloads, where the store supports it (default: none; Content-MD5 and ETags "
+                                "are always checked)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     q = steps.add_parser("upload", help="1: upload the raw release zip (or zip a folder on the fly)",

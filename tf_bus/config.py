@@ -148,6 +148,10 @@ class PrepareConfig:
         )
 
 
+#: S3's additional checksum algorithms that botocore computes without extra packages.
+CHECKSUM_ALGORITHMS = ("CRC32", "CRC32C", "SHA1", "SHA256")
+
+
 @dataclass
 class StageConfig:
     """`tf-bus stage`: moving the release and the prepared layouts through S3 with boto3.
@@ -171,6 +175,10 @@ class StageConfig:
         max_unzip_ratio: refuse a member that expands more than this many times (zip bombs).
         cache_dir: where `s3://` training data is staged; ``None`` reads ``TF_BUS_CACHE``,
             then ``~/.cache/tf-bus``.
+        checksum_algorithm: also send S3's additional checksum (``x-amz-checksum-*``:
+            CRC32, CRC32C, SHA1 or SHA256) with every upload, and have botocore validate
+            the stored checksum on every download. ``None``: Content-MD5/ETag only, which
+            every S3-compatible store supports.
     """
 
     endpoint_url: str | None = None
@@ -186,8 +194,12 @@ class StageConfig:
     max_unzip_mb: int = 8192
     max_unzip_ratio: float = 200.0
     cache_dir: str | None = None
+    checksum_algorithm: str | None = None
 
     def __post_init__(self) -> None:
+        if self.checksum_algorithm is not None and self.checksum_algorithm not in CHECKSUM_ALGORITHMS:
+            raise ConfigError(f"`checksum_algorithm` must be one of {', '.join(CHECKSUM_ALGORITHMS)} or None. "
+                              f"Received: checksum_algorithm={self.checksum_algorithm!r}")
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"`endpoint_url` must start with http:// or https://. Received: endpoint_url={self.endpoint_url!r}"

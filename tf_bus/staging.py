@@ -120,10 +120,10 @@ def make_client(config: StageConfig | None = None):
         read_timeout=config.read_timeout,
         max_pool_connections=max(10, 2 * config.max_concurrency),
         s3={"addressing_style": "path"} if (config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")) else None,
-        # Only send the new CRC checksums where an operation requires them: MinIO, Ceph and
-        # Swift versions in the field reject or ignore them; Content-MD5 covers integrity.
+        # Only send S3's additional checksums when asked (checksum_algorithm): MinIO, Ceph
+        # and Swift versions in the field reject or ignore them; Content-MD5 covers integrity.
         request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
+        response_checksum_validation="when_supported" if config.checksum_algorithm else "when_required",
     )
     return session.client("s3", endpoint_url=config.endpoint_url, config=bc,
                           region_name=config.region or session.region_name or "us-east-1")
@@ -307,15 +307,19 @@ class _Progress:
 # --------------------------------------------------------------------- uploading
 
 
+def _checksum_args(config: StageConfig) -> dict:
+    return {"ChecksumAlgorithm": config.checksum_algorithm} if config.checksum_algorithm else {}
+
+
 def _put_small(client, url: S3Url, path: Path, digest: FileDigest, progress: _Progress | None,
-               extra: dict | None = None) -> str:
+               config: StageConfig) -> str:
     data = Path(path).read_bytes()
     if len(data) != digest.size or hashlib.md5(data).hexdigest() != digest.md5:
         raise StageError(f"{path}: changed while it was being uploaded; run the same command again")
     resp = client.put_object(
         Bucket=url.bucket, Key=url.key, Body=data,
         ContentMD5=base64.b64encode(bytes.fromhex(digest.md5)).decode(),
-        Metadata={MD5_META: digest.md5}, **(extra or {}),
+        Metadata={MD5_META: digest.md5}, **_checksum_args(config),
     )
     if progress:
         progress.update(len(data))
@@ -326,70 +330,76 @@ def _put_multipart(client, url: S3Url, path: Path, digest: FileDigest, config: S
                    progress: _Progress | None) -> str:
     """A multipart upload that resumes an interrupted one for the same key.
 
-    Parts already in the store whose ETag equals the local part's MD5 are kept; the rest
-    are (re-)uploaded in parallel with Content-MD5. Nothing is visible under the key
-    until ``CompleteMultipartUpload``.
+    Parts already in the store whose ETag equals the local part's MD5 (and that carry the
+    additional checksum, when one is asked for) are kept; the rest are (re-)uploaded in
+    parallel with Content-MD5. Nothing is visible under the key until
+    ``CompleteMultipartUpload``.
     """
     chunk = config.multipart_chunk_mb * MB
-    upload_id, have = _resumable_upload(client, url, digest)
+    ck = f"Checksum{config.checksum_algorithm}" if config.checksum_algorithm else None
+    upload_id, have = _resumable_upload(client, url, digest, ck)
     if upload_id is None:
         upload_id = client.create_multipart_upload(
-            Bucket=url.bucket, Key=url.key, Metadata={MD5_META: digest.md5})["UploadId"]
+            Bucket=url.bucket, Key=url.key, Metadata={MD5_META: digest.md5}, **_checksum_args(config))["UploadId"]
         have = {}
 
-    def send(i: int) -> tuple[int, str]:
+    def send(i: int) -> dict:
         number = i + 1
-        if have.get(number) == digest.part_md5s[i]:
+        if number in have:
             if progress:
                 progress.update(min(chunk, digest.size - i * chunk))
-            return number, digest.part_md5s[i]
+            return have[number]
         with open(path, "rb") as f:
             f.seek(i * chunk)
             block = f.read(chunk)
         if hashlib.md5(block).hexdigest() != digest.part_md5s[i]:
             raise StageError(f"{path}: changed while it was being uploaded; run the same command again")
         r = client.upload_part(Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=number,
-                               Body=block, ContentMD5=base64.b64encode(bytes.fromhex(digest.part_md5s[i])).decode())
+                               Body=block, ContentMD5=base64.b64encode(bytes.fromhex(digest.part_md5s[i])).decode(),
+                               **_checksum_args(config))
         if progress:
             progress.update(len(block))
-        return number, _clean_etag(r.get("ETag"))
+        part = {"PartNumber": number, "ETag": f'"{_clean_etag(r.get("ETag"))}"'}
+        if ck and r.get(ck):
+            part[ck] = r[ck]
+        return part
 
     with cf.ThreadPoolExecutor(config.max_concurrency) as pool:
-        done = sorted(pool.map(send, range(len(digest.part_md5s))))
-    for number, etag in done:
-        if etag != digest.part_md5s[number - 1]:
-            raise StageError(f"{url}: part {number} arrived with ETag {etag}, expected "
-                             f"{digest.part_md5s[number - 1]}; run the same command again")
-    resp = client.complete_multipart_upload(
-        Bucket=url.bucket, Key=url.key, UploadId=upload_id,
-        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": f'"{e}"'} for n, e in done]},
-    )
+        parts = sorted(pool.map(send, range(len(digest.part_md5s))), key=lambda p: p["PartNumber"])
+    for p in parts:
+        if _clean_etag(p["ETag"]) != digest.part_md5s[p["PartNumber"] - 1]:
+            raise StageError(f"{url}: part {p['PartNumber']} arrived with ETag {p['ETag']}, expected "
+                             f"{digest.part_md5s[p['PartNumber'] - 1]}; run the same command again")
+    resp = client.complete_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload_id,
+                                            MultipartUpload={"Parts": parts})
     return _clean_etag(resp.get("ETag"))
 
 
-def _resumable_upload(client, url: S3Url, digest: FileDigest) -> tuple[str | None, dict[int, str]]:
+def _resumable_upload(client, url: S3Url, digest: FileDigest, ck: str | None) -> tuple[str | None, dict[int, dict]]:
     """An unfinished multipart upload of ``url.key`` whose parts match ours, if any.
 
+    Returns its id and the reusable parts (number -> the part entry for completion).
     Unfinished uploads of the key that do not match (another file's parts) are aborted,
     so that an interrupted run never leaves storage behind.
     """
     found: str | None = None
-    have: dict[int, str] = {}
+    have: dict[int, dict] = {}
     paginator = client.get_paginator("list_multipart_uploads")
     candidates = []
     for page in paginator.paginate(Bucket=url.bucket, Prefix=url.key):
         candidates += [u for u in page.get("Uploads", []) if u["Key"] == url.key]
     for u in sorted(candidates, key=lambda u: u.get("Initiated", 0), reverse=True):
-        parts: dict[int, str] = {}
-        sizes_ok = True
+        parts: dict[int, dict] = {}
+        matches = True
         for page in client.get_paginator("list_parts").paginate(Bucket=url.bucket, Key=url.key,
                                                                 UploadId=u["UploadId"]):
             for p in page.get("Parts", []):
-                n = p["PartNumber"]
-                parts[n] = _clean_etag(p["ETag"])
-                if n > len(digest.part_md5s) or parts[n] != digest.part_md5s[n - 1]:
-                    sizes_ok = False
-        if found is None and sizes_ok and parts:
+                n, etag = p["PartNumber"], _clean_etag(p["ETag"])
+                if n > len(digest.part_md5s) or etag != digest.part_md5s[n - 1]:
+                    matches = False
+                elif ck is None or p.get(ck):
+                    parts[n] = {"PartNumber": n, "ETag": f'"{etag}"', **({ck: p[ck]} if ck else {})}
+        if found is None and matches and parts:
             found, have = u["UploadId"], parts
         else:
             with contextlib.suppress(Exception):
@@ -415,7 +425,7 @@ def upload_file(client, path: str | os.PathLike, url: S3Url, config: StageConfig
             return False
         if not digest.part_md5s:
             # The store checked the body against Content-MD5; its ETag must be that MD5.
-            etag = _put_small(client, url, path, digest, progress)
+            etag = _put_small(client, url, path, digest, progress, config)
             if etag != digest.md5:
                 raise StageError(f"{url}: checksum mismatch after upload (ETag {etag}, expected {digest.md5}); "
                                  "run the same command again")
@@ -536,7 +546,7 @@ def _download_verified(client, url: S3Url, dest: Path, config: StageConfig, *, e
     from boto3.s3.transfer import TransferConfig
 
     if expect_md5 is not None and expect_size is not None and expect_size < config.multipart_threshold_mb * MB:
-        return _get_small(client, url, dest, expect_md5, expect_size, progress)
+        return _get_small(client, url, dest, expect_md5, expect_size, progress, config)
     with _s3_errors(url, client):
         head = client.head_object(Bucket=url.bucket, Key=url.key)
         size = head["ContentLength"]
@@ -551,6 +561,7 @@ def _download_verified(client, url: S3Url, dest: Path, config: StageConfig, *, e
                                 multipart_chunksize=config.multipart_chunk_mb * MB,
                                 max_concurrency=config.max_concurrency)
             client.download_file(url.bucket, url.key, tmp, Config=tc,
+                                 ExtraArgs={"ChecksumMode": "ENABLED"} if config.checksum_algorithm else None,
                                  Callback=progress.update if progress else None)
             got = hashlib.md5()
             with open(tmp, "rb") as f:
@@ -583,7 +594,7 @@ def _download_verified(client, url: S3Url, dest: Path, config: StageConfig, *, e
 
 
 def _get_small(client, url: S3Url, dest: Path, expect_md5: str, expect_size: int,
-               progress: _Progress | None) -> str:
+               progress: _Progress | None, config: StageConfig) -> str:
     """One GET for a small object of known size and MD5, hashed as it streams."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -591,7 +602,8 @@ def _get_small(client, url: S3Url, dest: Path, expect_md5: str, expect_size: int
         got = hashlib.md5()
         n = 0
         with _s3_errors(url, client), os.fdopen(fd, "wb") as f:
-            body = client.get_object(Bucket=url.bucket, Key=url.key)["Body"]
+            extra = {"ChecksumMode": "ENABLED"} if config.checksum_algorithm else {}
+            body = client.get_object(Bucket=url.bucket, Key=url.key, **extra)["Body"]
             for block in body.iter_chunks(1 << 20):
                 got.update(block)
                 f.write(block)
