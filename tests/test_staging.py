@@ -8,7 +8,6 @@ flipped byte in a real ``.data`` file.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import socket

@@ -9,7 +9,6 @@ server stopped. ``train=False`` stops after the preview.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -19,23 +18,17 @@ from tf_bus.config import CLASS_NAMES, LoaderConfig, PrepareConfig
 
 
 def _preview(images: np.ndarray, masks: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tf_bus.plots import save_png, subplots
 
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.8), constrained_layout=True)
+    fig, axes = subplots(1, n, figsize=(2.4 * n, 2.8))
     for ax, img, m, name in zip(np.atleast_1d(axes), images, masks, names):
         ax.imshow(img.squeeze(), cmap="gray", vmin=0, vmax=1)
         if m.max() > 0:
             ax.contour(m.squeeze(), levels=[0.5], colors="lime", linewidths=1)
         ax.set_title(name, fontsize=7)
         ax.axis("off")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=100)
 
 
 def run_demo(data: str | None = None, out_dir: str = "demo_output", *, n_synthetic: int = 60, train: bool = True,

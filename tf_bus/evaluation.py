@@ -165,16 +165,12 @@ def choose_threshold(predictions, candidates=None) -> tuple[float, dict[str, flo
 
 def _overlay_grid(rows, path) -> None:
     """rows: (name, image path, prediction mask, truth mask, dice) -> PNG grid."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
+    from tf_bus.plots import save_png, subplots
+
     n = len(rows)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n), squeeze=False, constrained_layout=True)
+    fig, axes = subplots(n, 3, figsize=(7.5, 2.3 * n), squeeze=False)
     for r, (name, image_path, pred, truth, dice) in enumerate(rows):
         with Image.open(image_path) as im:
             grey = np.asarray(im.convert("L"))
@@ -186,10 +182,7 @@ def _overlay_grid(rows, path) -> None:
                 ax.contour(img, levels=[0.5], colors="lime" if c == 1 else "red", linewidths=1)
             ax.set_title(label, fontsize=7)
             ax.axis("off")
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=80)
 
 
 def evaluate_segmenter(
@@ -301,17 +294,13 @@ def classification_metrics(y_true, probabilities, class_names=None) -> dict[str,
 
 
 def _classification_plots(y_true, prob, result, out_dir) -> None:
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn import metrics as skm
+
+    from tf_bus.plots import save_png, subplots
 
     names = result["class_names"]
     cm = np.asarray(result["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(4.6, 4), constrained_layout=True)
+    fig, ax = subplots(figsize=(4.6, 4))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -320,11 +309,9 @@ def _classification_plots(y_true, prob, result, out_dir) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
-    fig.savefig(out_dir / ".confusion_matrix.png")
-    plt.close(fig)
-    os.replace(out_dir / ".confusion_matrix.png", out_dir / "confusion_matrix.png")
+    save_png(fig, out_dir / "confusion_matrix.png")
 
-    fig, ax = plt.subplots(figsize=(4.6, 4), constrained_layout=True)
+    fig, ax = subplots(figsize=(4.6, 4))
     for k, name in enumerate(names):
         positives = np.asarray(y_true) == k
         if 0 < positives.sum() < len(positives):
@@ -335,9 +322,7 @@ def _classification_plots(y_true, prob, result, out_dir) -> None:
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC, one vs rest")
     ax.legend(fontsize=8)
-    fig.savefig(out_dir / ".roc.png")
-    plt.close(fig)
-    os.replace(out_dir / ".roc.png", out_dir / "roc.png")
+    save_png(fig, out_dir / "roc.png")
 
 
 def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None) -> dict[str, Any]:

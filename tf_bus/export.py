@@ -192,7 +192,13 @@ def export_model(
     archive.add_endpoint(PREDICT_TENSOR, tensor, input_signature=tensor_spec)
     tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"  # not numeric: TF Serving ignores it
     try:
-        archive.write_out(str(tmp), verbose=False)
+        tf_log = tf.get_logger()
+        level = tf_log.level
+        tf_log.setLevel("WARNING")  # tf.saved_model.save logs "Assets written to <tmp path>" at INFO
+        try:
+            archive.write_out(str(tmp), verbose=False)
+        finally:
+            tf_log.setLevel(level)
         _, h, w, c = model.input_shape
         meta = {"kind": kind, "model_name": name, "version": version, "input_size": [h, w], "channels": c,
                 "class_names": list(CLASS_NAMES) if kind == "classifier" else None,

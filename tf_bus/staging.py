@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from tf_bus.config import PrepareConfig, StageConfig
 from tf_bus.data.busi import TfBusError
-from tf_bus.io import atomic_directory, write_bytes_atomic, write_json_atomic
+from tf_bus.io import atomic_directory, write_json_atomic
 
 MB = 1024 * 1024
 #: Metadata key holding an object's whole-content MD5 (``x-amz-meta-tf-bus-md5``).

@@ -99,22 +99,19 @@ def _bar_chart(ax, counts: dict[str, dict[str, int]], title: str) -> None:
 def eda(data: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Writes ``eda.json``, ``class_counts.png``, ``image_sizes.png`` and
     ``lesion_area.png`` into ``out_dir``; returns the statistics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tf_bus.plots import subplots
 
     stats = collect_stats(data)
     records = stats.pop("_records")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     _bar_chart(axes[0], stats["class_counts_before_balancing"], "Class counts before balancing")
     _bar_chart(axes[1], stats["class_counts_after_balancing"], "After balancing (train only)")
     _save(fig, out / "class_counts.png")
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    fig, ax = subplots(figsize=(5.5, 4.5))
     for c in CLASS_NAMES:
         pts = [(r[3], r[2]) for r in records if r[1] == c]
         if pts:
@@ -125,7 +122,7 @@ def eda(data: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
     ax.legend(fontsize=8)
     _save(fig, out / "image_sizes.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = subplots(figsize=(6, 4))
     for c in ("benign", "malignant"):
         vals = [100 * r[4] for r in records if r[1] == c and r[4] > 0]
         if vals:
@@ -141,9 +138,6 @@ def eda(data: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from tf_bus.plots import save_png
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=110)

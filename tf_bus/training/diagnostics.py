@@ -190,22 +190,14 @@ class TrainingDiagnostics(keras.callbacks.Callback):
         write_bytes_atomic(self.out_dir / "diagnostics.md", ("\n".join(lines) + "\n").encode())
 
     def _plot(self) -> None:
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from tf_bus.plots import save_png, subplots
 
         steps = [h["step"] for h in self.grad_history]
-        fig, ax = plt.subplots(figsize=(6, 3.2), constrained_layout=True)
+        fig, ax = subplots(figsize=(6, 3.2))
         ax.semilogy(steps, [max(h["global_norm"], 1e-30) for h in self.grad_history], label="global norm")
         ax.semilogy(steps, [max(h["min_layer_norm"], 1e-30) for h in self.grad_history], label="smallest layer norm")
         ax.axhline(self.vanishing_threshold, color="grey", ls="--", lw=0.8, label="vanishing threshold")
         ax.set_xlabel("step")
         ax.set_ylabel("gradient norm (sample batch)")
         ax.legend(fontsize=7)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        write_bytes_atomic(self.out_dir / "gradient_norms.png", buf.getvalue())
+        save_png(fig, self.out_dir / "gradient_norms.png", dpi=90)
