@@ -138,7 +138,9 @@ class SwiftS3:
         return True
 
     def stop(self, kind: str | None = None) -> None:
-        kinds = [kind] if kind else list(self._procs)
+        # The proxy first: clients then see the store go away (connection refused), never a
+        # proxy that answers 404 for want of its backends.
+        kinds = [kind] if kind else sorted(self._procs, key=lambda k: k != "proxy")
         for k in kinds:
             p = self._procs.pop(k, None)
             if p is None:

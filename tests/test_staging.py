@@ -261,11 +261,13 @@ def test_publish_interrupted_by_the_store_stopping_then_finished(swift, bucket, 
         time.sleep(0.02)
     assert proc.poll() is None, "publish finished before the store could be stopped"
     swift.stop()
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        swift.start()  # whatever happens, later tests get their store back
     assert proc.returncode == 2, err
     assert "cannot reach" in err and "run the same command again" in err
     assert "Traceback" not in err
-    swift.start()
     keys = _keys(swift, bucket, "ready/")
     assert "ready/manifest.json" not in keys
     assert 0 < len(keys) < total

@@ -360,9 +360,11 @@ def _add_training_flags(p, d, monitored: str) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
     p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
                    help="write a TensorBoard profiler trace of these training batches (default: none)")
-    p.add_argument("--strategy", choices=("default", "onedevice", "mirrored"), default=d.strategy,
+    p.add_argument("--strategy", choices=("default", "onedevice", "mirrored", "multiworker"), default=d.strategy,
                    help="tf.distribute strategy: default; onedevice (first GPU, else CPU); mirrored (every GPU, or "
-                        "every logical CPU). --batch-size is the global batch, split evenly over the replicas; the "
+                        "every logical CPU); multiworker (MultiWorkerMirroredStrategy over the processes in TF_CONFIG, "
+                        "the same command on every host; worker 0 writes RUN_DIR, the others RUN_DIR/workers/). "
+                        "--batch-size is the global batch, split evenly over the replicas; the "
                         "learning rate belongs to the global batch (if you grow the global batch with the replicas, "
                         "scale the learning rate by the same factor) (default: default)")
     p.add_argument("--no-diagnostics", action="store_true",

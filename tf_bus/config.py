@@ -325,8 +325,8 @@ class _TrainingConfig:
                 )
         if self.schedule not in ("cosine", "plateau", "constant"):  # type: ignore[attr-defined]
             raise ConfigError(f"`schedule` must be cosine, plateau or constant. Received: schedule={self.schedule!r}")
-        if self.strategy not in ("default", "onedevice", "mirrored"):  # type: ignore[attr-defined]
-            raise ConfigError("`strategy` must be default, onedevice or mirrored. "
+        if self.strategy not in ("default", "onedevice", "mirrored", "multiworker"):  # type: ignore[attr-defined]
+            raise ConfigError("`strategy` must be default, onedevice, mirrored or multiworker. "
                               f"Received: strategy={self.strategy!r}")  # type: ignore[attr-defined]
         if self.precision not in PRECISIONS:  # type: ignore[attr-defined]
             raise ConfigError(f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
@@ -376,8 +376,8 @@ class SegmenterConfig(_TrainingConfig):
         profile_batches: (start, stop) batches traced by the TensorBoard profiler, or None.
         diagnostics: watch training with the Debugger rules (vanishing/exploding gradients,
             overfit, poor initialisation, stalled loss) and write RUN_DIR/diagnostics.*.
-        strategy: ``default``, ``onedevice`` or ``mirrored`` (see tf_bus.training.distribute);
-            ``batch_size`` is the global batch over the replicas.
+        strategy: ``default``, ``onedevice``, ``mirrored`` or ``multiworker`` (TF_CONFIG; see
+            tf_bus.training.distribute); ``batch_size`` is the global batch over the replicas.
     """
 
     image_size: tuple[int, int] = (128, 128)
@@ -464,11 +464,11 @@ class ClassifierConfig(_TrainingConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.strategy == "mirrored":
-            # Known gap: MirroredStrategy's gradient all-reduce fails on the fine-tuned ResNet (replicas
-            # disagree on the packed gradient size); the U-Net trains under it.
-            raise ConfigError("`strategy` mirrored is not supported for the classifier yet; use default or onedevice. "
-                              "Received: strategy='mirrored'")
+        if self.strategy in ("mirrored", "multiworker"):
+            # Known gap: the gradient all-reduce fails on the fine-tuned ResNet (replicas disagree on
+            # the packed gradient size); the U-Net trains under both.
+            raise ConfigError(f"`strategy` {self.strategy} is not supported for the classifier yet; use default or "
+                              f"onedevice. Received: strategy={self.strategy!r}")
         if self.backbone not in ("resnet50", "resnet101"):
             raise ConfigError(f"`backbone` must be resnet50 or resnet101. Received: backbone={self.backbone!r}")
         if min(self.image_size) < 32:

@@ -14,13 +14,14 @@ import keras
 from keras import layers
 
 
-def apply_conv_block(x, filters: int, *, batch_norm: bool, dropout: float, padding: str, name: str):
+def apply_conv_block(x, filters: int, *, batch_norm: bool, dropout: float, padding: str, name: str,
+                     sync_batch_norm: bool = False):
     """Two 3x3 convolutions (+ batch norm) with ReLU; optional dropout at the end."""
     for k in (1, 2):
         x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{k}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{k}")(x)
+            x = layers.BatchNormalization(synchronized=sync_batch_norm, name=f"{name}_bn{k}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{k}")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
@@ -52,6 +53,9 @@ class UNet(keras.Model):
             (bilinear 2x resize + 3x3 conv, which avoids checkerboard artefacts).
         padding: ``"same"`` (output size = input size) or ``"valid"`` (the paper's
             unpadded convolutions with cropped skips; needs a static ``image_size``).
+        sync_batch_norm: under a tf.distribute strategy with several replicas, batch
+            statistics over the global batch (``synchronized=True``), so that every
+            replica and worker keeps the same moving statistics; no effect on one device.
 
     Input: float32 (B, H, W, channels) in [0, 1].
     Output: float32 (B, H', W', 1) probabilities (sigmoid), H' = H for ``"same"``.
@@ -67,6 +71,7 @@ class UNet(keras.Model):
         dropout: float = 0.1,
         upsampling: str = "transpose",
         padding: str = "same",
+        sync_batch_norm: bool = False,
         **kwargs,
     ):
         image_size = tuple(image_size)
@@ -94,11 +99,11 @@ class UNet(keras.Model):
         for level in range(depth):
             x = apply_conv_block(x, base_filters * 2 ** level, batch_norm=batch_norm,
                                  dropout=dropout if level == depth - 1 else 0.0,
-                                 padding=padding, name=f"down{level}")
+                                 padding=padding, name=f"down{level}", sync_batch_norm=sync_batch_norm)
             skips.append(x)
             x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
         x = apply_conv_block(x, base_filters * 2 ** depth, batch_norm=batch_norm, dropout=dropout,
-                             padding=padding, name="bottleneck")
+                             padding=padding, name="bottleneck", sync_batch_norm=sync_batch_norm)
         for level in reversed(range(depth)):
             filters = base_filters * 2 ** level
             if upsampling == "transpose":
@@ -108,7 +113,8 @@ class UNet(keras.Model):
                 x = layers.Conv2D(filters, 3, padding="same", name=f"up{level}_conv")(x)
             skip = _center_crop(skips[level], x, name=f"up{level}_crop") if padding == "valid" else skips[level]
             x = layers.Concatenate(name=f"up{level}_concat")([skip, x])
-            x = apply_conv_block(x, filters, batch_norm=batch_norm, dropout=0.0, padding=padding, name=f"up{level}")
+            x = apply_conv_block(x, filters, batch_norm=batch_norm, dropout=0.0, padding=padding, name=f"up{level}",
+                                 sync_batch_norm=sync_batch_norm)
         outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
@@ -120,6 +126,7 @@ class UNet(keras.Model):
         self.dropout = dropout
         self.upsampling = upsampling
         self.padding = padding
+        self.sync_batch_norm = sync_batch_norm
 
     def get_config(self):
         return {
@@ -133,6 +140,7 @@ class UNet(keras.Model):
             "dropout": self.dropout,
             "upsampling": self.upsampling,
             "padding": self.padding,
+            "sync_batch_norm": self.sync_batch_norm,
         }
 
     @classmethod

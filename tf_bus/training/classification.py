@@ -143,7 +143,7 @@ def train_classifier(
 
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         cbs = [
-            keras.callbacks.BackupAndRestore(str(run_dir / backup)),
+            keras.callbacks.BackupAndRestore(str(run_dir / backup), double_checkpoint=True),
             keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_f1", mode="max",
                                             save_best_only=True),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),

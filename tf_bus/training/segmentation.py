@@ -43,10 +43,11 @@ def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
     return LoaderConfig(**{**base, **overrides})
 
 
-def build_segmenter(config: SegmenterConfig) -> UNet:
+def build_segmenter(config: SegmenterConfig, replicas: int = 1) -> UNet:
+    """The run's U-Net; with several replicas its batch norm is synchronised across them."""
     return UNet(image_size=config.image_size, channels=config.channels, depth=config.depth,
                 base_filters=config.base_filters, batch_norm=config.batch_norm, dropout=config.dropout,
-                upsampling=config.upsampling, padding=config.padding, name="unet")
+                upsampling=config.upsampling, padding=config.padding, sync_batch_norm=replicas > 1, name="unet")
 
 
 def train_segmenter(
@@ -74,8 +75,14 @@ def train_segmenter(
     """
     from tf_bus.data.pipeline import count_segmentation_examples, segmentation_dataset
 
+    from tf_bus.training.distribute import (backup_and_restore, check_global_batch, make_strategy, shard_by_data,
+                                            worker_failures, worker_run_dir)
+
     config = config or SegmenterConfig()
-    run_dir = Path(run_dir).expanduser().resolve()
+    # First: a multi-worker strategy must exist before TensorFlow runs any op.
+    strategy = make_strategy(config.strategy)
+    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
+    run_dir = worker_run_dir(Path(run_dir).expanduser().resolve())
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
     resuming = check_run_dir(run_dir, record, overwrite)
@@ -83,20 +90,22 @@ def train_segmenter(
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
-    train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment),
+    # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no
+    # rows are NaN), and multi-worker DATA sharding needs the same element order everywhere.
+    distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1,
+                       deterministic=config.strategy == "multiworker")
+    train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                     training=True, splits_file=splits_file)
-    val_ds = segmentation_dataset(data, "validation", loader_config(config), training=False,
-                                  splits_file=splits_file)
+    val_ds = segmentation_dataset(data, "validation",
+                                  loader_config(config, deterministic=distributed["deterministic"]),
+                                  training=False, splits_file=splits_file)
     steps = int(train_ds.cardinality())
     n_train = count_segmentation_examples(data, "train", splits_file=splits_file)
     val_images, val_masks = next(iter(val_ds))
-
-    from tf_bus.training.distribute import check_global_batch, make_strategy
-
-    strategy = make_strategy(config.strategy)
-    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
+    if config.strategy == "multiworker":
+        train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
-        model = build_segmenter(config)
+        model = build_segmenter(config, strategy.num_replicas_in_sync)
         model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
                                                 config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
                       metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
@@ -108,7 +117,7 @@ def train_segmenter(
     logs = run_dir / "logs"
     budget = TimeBudget(config.time_budget_minutes)
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        backup_and_restore(run_dir / "backup", config.strategy),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_dice", mode="max",
                                         save_best_only=True),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
@@ -129,8 +138,9 @@ def train_segmenter(
                                                            min_lr=config.learning_rate * 0.01))
     t0 = time.perf_counter()
     try:
-        history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                            verbose=verbose, shuffle=False)  # the dataset shuffles itself
+        with worker_failures(config.strategy):
+            history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                                verbose=verbose, shuffle=False)  # the dataset shuffles itself
         model.save(run_dir / "last.keras")
     finally:
         keras.mixed_precision.set_global_policy("float32")
