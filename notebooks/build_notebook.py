@@ -39,7 +39,6 @@ WORK_DIR = "busi_notebook_output\""""),
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -246,24 +245,12 @@ Where there is no TF Serving binary, `tf-bus serve` speaks the same REST and gRP
 protocols (`ModelServer` below is what that command runs). It reads the same
 `models.config`."""),
     ("code", """from tf_bus.serving.client import GrpcClient, RestClient
-from tf_bus.serving.server import ModelServer, ServerOptions
+from tf_bus.serving.server import serve_on_loopback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-config = work / "models.config"
-config.write_text("model_config_list {\\n" + "".join(
-    f'  config {{ name: "{n}" base_path: "{models / n}" model_platform: "tensorflow" }}\\n'
-    for n in ("busi_segmenter", "busi_classifier")) + "}\\n")
-server = ModelServer(ServerOptions(port=free_port(), rest_api_port=free_port(), rest_api_host="127.0.0.1",
-                                   grpc_host="127.0.0.1", model_config_file=str(config),
-                                   file_system_poll_wait_seconds=0)).start()
-server.manager.wait_until_available(120)
-print(f"gRPC on 127.0.0.1:{server.grpc_port}, REST on 127.0.0.1:{server.rest_port}")"""),
+# Writes models.config (TF Serving's format) and starts the server on free loopback ports.
+server = serve_on_loopback(models, ("busi_segmenter", "busi_classifier"), work / "models.config")
+print(f"gRPC on 127.0.0.1:{server.grpc_port}, REST on 127.0.0.1:{server.rest_port}")
+print((work / "models.config").read_text())"""),
     ("md", """Over REST, the request is TF Serving's JSON, with binary inputs as `{"b64": ...}`.
 The equivalent `curl` call is printed too."""),
     ("code", """image_path = next((prepared / "segmentation" / "test_images" / "test").glob("*.png"))

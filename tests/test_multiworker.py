@@ -67,7 +67,7 @@ def _start_workers(prepared: Path, run: Path, epochs: int, tmp: Path, tag: str, 
     procs = []
     for i in range(n) if start is None else [start]:
         env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_BUS_HEARTBEAT_TIMEOUT": "5", "TF_BUS_JOIN_TIMEOUT": "60", **(env_extra or {}),
+               "TF_BUS_HEARTBEAT_TIMEOUT": "10", "TF_BUS_JOIN_TIMEOUT": "60", **(env_extra or {}),
                "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                                         "task": {"type": "worker", "index": i}})}
         log = open(tmp / f"{tag}-worker{i}.log", "w")

@@ -92,12 +92,10 @@ def run_demo(data: str | None = None, out_dir: str = "demo_output", *, n_synthet
 
 
 def _train_export_serve(prepared: Path, out: Path, log) -> dict:
-    import socket
-
     from tf_bus.config import ClassifierConfig, SegmenterConfig
     from tf_bus.export import export_run
     from tf_bus.serving.client import GrpcClient, RestClient
-    from tf_bus.serving.server import ModelServer, ServerOptions
+    from tf_bus.serving.server import serve_on_loopback
     from tf_bus.training.classification import train_classifier
     from tf_bus.training.segmentation import train_segmenter
 
@@ -117,20 +115,8 @@ def _train_export_serve(prepared: Path, out: Path, log) -> dict:
         info = export_run(run, models, name)
     log(f"[7/9] exported for TensorFlow Serving -> {models}/busi_segmenter/1, {models}/busi_classifier/1 ({info['signatures']})")
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    config = out / "models.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{n}" base_path: "{models / n}" model_platform: "tensorflow" }}\n'
-        for n in ("busi_segmenter", "busi_classifier")) + "}\n")
-    server = ModelServer(ServerOptions(port=free_port(), rest_api_port=free_port(), rest_api_host="127.0.0.1",
-                                       grpc_host="127.0.0.1", model_config_file=str(config),
-                                       file_system_poll_wait_seconds=0)).start()
+    server = serve_on_loopback(models, ("busi_segmenter", "busi_classifier"), out / "models.config")
     try:
-        server.manager.wait_until_available(120)
         log(f"[8/9] tf-bus serve: gRPC 127.0.0.1:{server.grpc_port}, REST 127.0.0.1:{server.rest_port}")
         image = next((prepared / "segmentation" / "test_images" / "test").glob("*.png"))
         png = image.read_bytes()

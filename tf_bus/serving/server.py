@@ -117,6 +117,40 @@ class ModelServer:
         self._done.wait()
 
 
+def write_models_config(path: str | Path, model_base: str | Path, names) -> Path:
+    """Writes TF Serving's ``models.config`` (a ModelServerConfig text proto) serving each
+    of ``names`` from ``model_base/<name>/``; returns the path."""
+    from tf_bus.io import write_bytes_atomic
+
+    text = "model_config_list {\n" + "".join(
+        f'  config {{ name: "{n}" base_path: "{Path(model_base).resolve() / n}" model_platform: "tensorflow" }}\n'
+        for n in names) + "}\n"
+    write_bytes_atomic(path, text.encode())
+    return Path(path)
+
+
+def serve_on_loopback(model_base: str | Path, names, config_path: str | Path, *, timeout: float = 120.0) -> ModelServer:
+    """Starts a server for ``names`` on free 127.0.0.1 ports (gRPC and REST) and waits
+    until every model is AVAILABLE; ``stop()`` it when done (the demo, the notebook)."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    write_models_config(config_path, model_base, names)
+    server = ModelServer(ServerOptions(port=free_port(), rest_api_port=free_port(), rest_api_host="127.0.0.1",
+                                       grpc_host="127.0.0.1", model_config_file=str(config_path),
+                                       file_system_poll_wait_seconds=0)).start()
+    try:
+        server.manager.wait_until_available(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def run(opts: ServerOptions, ready_file: str | None = None) -> int:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     server = ModelServer(opts).start()
