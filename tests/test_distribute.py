@@ -1,5 +1,5 @@
-"""--strategy: MirroredStrategy over 2 logical CPU devices trains the U-Net, OneDeviceStrategy
-the classifier (in a fresh process, since logical devices must be set before TensorFlow starts)."""
+"""--strategy: MirroredStrategy over 2 logical CPU devices trains the U-Net and the classifier
+(in a fresh process, since logical devices must be set before TensorFlow starts)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
     w = out + "/w.weights.h5"
     keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(w)
-    cls = train_classifier(data, out + "/cls", ClassifierConfig(image_size=(32, 32), weights=w, head_epochs=1, epochs=1,
-                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="onedevice"), verbose=0)
+    cls = train_classifier(data, out + "/cls", ClassifierConfig(image_size=(32, 32), weights=w, head_epochs=1, epochs=2,
+                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
     print(json.dumps({"seg": seg, "cls": cls}))
 """)
 
@@ -41,7 +41,8 @@ def test_mirrored_over_two_logical_cpus(prepared, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 <= out["seg"]["best_val_dice"] <= 1 and 0 <= out["cls"]["best_val_f1"] <= 1
-    for run, strategy, replicas in (("seg", "mirrored", 2), ("cls", "onedevice", 1)):
+    assert out["cls"]["epochs_run_in_this_fit"] == 2  # the head phase and the fine-tuning phase
+    for run, strategy, replicas in (("seg", "mirrored", 2), ("cls", "mirrored", 2)):
         record = json.loads((tmp_path / run / "config.json").read_text())
         assert record["replicas"] == replicas and record["config"]["strategy"] == strategy
         assert (tmp_path / run / "best.keras").is_file()
@@ -53,7 +54,7 @@ def test_bad_strategy_and_uneven_global_batch():
     with pytest.raises(ConfigError, match="strategy"):
         SegmenterConfig(strategy="tpu")
     with pytest.raises(ConfigError, match="not supported for the classifier yet"):
-        ClassifierConfig(strategy="mirrored")
+        ClassifierConfig(strategy="multiworker")
     from tf_bus.training.distribute import check_global_batch
 
     with pytest.raises(ConfigError, match="multiple of 2"):

@@ -55,7 +55,7 @@ class ClassifierData:
 
 
 def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
-                    splits_file: str | os.PathLike | None = None) -> ClassifierData:
+                    splits_file: str | os.PathLike | None = None, *, replicas: int = 1) -> ClassifierData:
     """One-hot train/validation datasets for ``config`` with its class balancing resolved
     (``layout`` on a raw release becomes ``class_weights``)."""
     from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
@@ -70,7 +70,8 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
     else:
         n_train = len(list_release(root, "train", splits_file=splits_file)[0])
     train_ds = _one_hot(classification_dataset(
-        data, "train", loader_config(config, augment=config.augment), training=True, splits_file=splits_file,
+        data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1), training=True,
+        splits_file=splits_file,
         balanced=balance == "sampling", include_augmented=include_aug))
     val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config), training=False,
                                              splits_file=splits_file))
@@ -128,7 +129,7 @@ def train_classifier(
     with strategy.scope():
         model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
 
-    data_ = classifier_data(data, config, splits_file)
+    data_ = classifier_data(data, config, splits_file, replicas=strategy.num_replicas_in_sync)
     train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
     weights_by_class = data_.class_weight
     write_json_atomic(run_dir / "config.json", {

@@ -76,8 +76,17 @@ def make_strategy(name: str, *, join_timeout: float | None = None, heartbeat_tim
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        return _mirrored(tuple(devices))
     raise ConfigError(f"`strategy` must be one of {', '.join(STRATEGIES)}. Received: strategy={name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored(devices: tuple[str, ...]):
+    """One MirroredStrategy per device set and process: two strategies over the same devices
+    in one process (two trainings in a notebook) collide in their collective ops."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(devices=list(devices))
 
 
 def parse_tf_config(text: str | None) -> dict[str, Any]:
