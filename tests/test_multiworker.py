@@ -153,3 +153,14 @@ def test_a_worker_that_never_joins_is_a_bounded_clear_error(prepared, tmp_path):
     assert time.monotonic() - t0 < 60
     assert code != 0
     assert "not every worker joined within 5s" in log and "same TF_CONFIG cluster" in log
+
+
+def test_only_multiworker_runs_read_tf_config_for_the_run_dir(monkeypatch, tmp_path):
+    from tf_bus.training.distribute import worker_run_dir
+
+    monkeypatch.setenv("TF_CONFIG", "{not json: set for another tool")
+    assert worker_run_dir(tmp_path, "default") == tmp_path  # never parsed, never an error
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    assert worker_run_dir(tmp_path, "mirrored") == tmp_path
+    assert worker_run_dir(tmp_path, "multiworker") == tmp_path / "workers" / "worker-1"

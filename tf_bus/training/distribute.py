@@ -290,12 +290,15 @@ def check_global_batch(batch_size: int, replicas: int) -> None:
                           f"{replicas} replicas of the strategy; use a multiple of {replicas}.")
 
 
-def worker_run_dir(run_dir):
-    """Where this process writes: RUN_DIR for the chief (or a single process); for other
-    workers RUN_DIR/workers/<type>-<index>, so that the RUN_DIR a user reads is the chief's
-    and workers on a shared file system never write the same file."""
+def worker_run_dir(run_dir, strategy_name: str):
+    """Where this process writes: RUN_DIR, except for a non-chief worker of a multi-worker
+    run: RUN_DIR/workers/<type>-<index>, so that the RUN_DIR a user reads is the chief's and
+    workers on a shared file system never write the same file. TF_CONFIG is read only for
+    ``multiworker``."""
     from pathlib import Path
 
+    if strategy_name != "multiworker":
+        return Path(run_dir)
     t, i, chief = task_info()
     return Path(run_dir) if chief else Path(run_dir) / "workers" / f"{t}-{i}"
 

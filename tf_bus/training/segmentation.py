@@ -82,7 +82,7 @@ def train_segmenter(
     # First: a multi-worker strategy must exist before TensorFlow runs any op.
     strategy = make_strategy(config.strategy)
     check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
-    run_dir = worker_run_dir(Path(run_dir).expanduser().resolve())
+    run_dir = worker_run_dir(Path(run_dir).expanduser().resolve(), config.strategy)
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
     resuming = check_run_dir(run_dir, record, overwrite)
