@@ -68,6 +68,7 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
         def __init__(self):
             super().__init__(name="busi_classifier", tunable=True)
             self.fits = 0
+            self.replicas = None  # of the strategy the last trial trained under
 
         def declare_hyperparameters(self, hp):
             # The space is known without building a ResNet (KerasTuner's default builds one).
@@ -86,10 +87,16 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
             return model
 
         def fit(self, hp, model, *args, epochs=None, callbacks=None, verbose="auto", **kwargs):
+            from tf_bus.training.distribute import check_global_batch
+
             config = self.config_for(hp)
-            d = classifier_data(data, config, splits_file)
+            strategy = model.distribute_strategy  # KerasTuner built the model under --strategy
+            self.replicas = strategy.num_replicas_in_sync
+            check_global_batch(config.batch_size, self.replicas)
+            d = classifier_data(data, config, splits_file, replicas=self.replicas)
             total = int(epochs) if epochs is not None else config.epochs
-            compile_classifier(model, config, config.learning_rate, total, d.steps)
+            with strategy.scope():
+                compile_classifier(model, config, config.learning_rate, total, d.steps)
             self.fits += 1
             return model.fit(
                 d.train, validation_data=d.validation, class_weight=d.class_weight, shuffle=False,
@@ -144,8 +151,13 @@ def _make_tuner(tune: TuneConfig, hypermodel, out: Path, overwrite: bool):
     import keras_tuner
 
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
+    from tf_bus.training.distribute import make_strategy
+
+    # KerasTuner builds each trial's model under this strategy (--strategy).
+    strategy = make_strategy(tune.base.strategy) if tune.base.strategy != "default" else None
     common = dict(objective=objective, executions_per_trial=tune.executions_per_trial, overwrite=overwrite,
-                  directory=str(out), project_name=PROJECT, seed=tune.base.seed, max_consecutive_failed_trials=3)
+                  directory=str(out), project_name=PROJECT, seed=tune.base.seed, max_consecutive_failed_trials=3,
+                  distribution_strategy=strategy)
     if tune.tuner == "random":
         return keras_tuner.RandomSearch(hypermodel, max_trials=tune.max_trials, **common)
     if tune.tuner == "bayesian":
@@ -171,7 +183,7 @@ def _trial_records(tuner) -> list[dict[str, Any]]:
     return records
 
 
-def _summarise(tune: TuneConfig, tuner, out: Path, wall: float) -> dict[str, Any]:
+def _summarise(tune: TuneConfig, tuner, out: Path, wall: float, replicas: int | None = None) -> dict[str, Any]:
     records = _trial_records(tuner)
     write_json_atomic(out / "trials.json", {"objective": OBJECTIVE, "direction": "max", "trials": records})
     done = [r for r in records if r["status"] == "COMPLETED" and r["score"] is not None and r["epochs_trained"] > 0]
@@ -193,6 +205,7 @@ def _summarise(tune: TuneConfig, tuner, out: Path, wall: float) -> dict[str, Any
         "values": dict(best_trial.hyperparameters.values),
         "config": json.loads(json.dumps(best_config.to_dict())),
         "trials_completed": len(done), "trials_total": len(records), "wall_seconds": round(wall, 1),
+        "strategy": tune.base.strategy, "replicas": replicas,
     }
     write_json_atomic(out / "best_hyperparameters.json", best)
     return best
@@ -267,7 +280,7 @@ def tune_classifier(
     wall = time.perf_counter() - t0
     if role == "worker":
         return {"role": "worker", "tuner_id": os.environ["KERASTUNER_TUNER_ID"], "fits_run": hypermodel.fits}
-    best = _summarise(tune, tuner, out, wall)
+    best = _summarise(tune, tuner, out, wall, hypermodel.replicas)
     best.update(role=role, fits_run_now=hypermodel.fits)
     if retrain_dir is not None:
         from tf_bus.training.classification import train_classifier
