@@ -63,9 +63,21 @@ def test_bad_strategy_and_uneven_global_batch():
 
     with pytest.raises(ConfigError, match="strategy"):
         SegmenterConfig(strategy="tpu")
-    with pytest.raises(ConfigError, match="not supported for the classifier yet"):
-        ClassifierConfig(strategy="multiworker")
+    assert ClassifierConfig(strategy="multiworker").strategy == "multiworker"
     from tf_bus.training.distribute import check_global_batch
 
     with pytest.raises(ConfigError, match="multiple of 2"):
         check_global_batch(7, 2)
+
+
+def test_multiworker_tuning_refuses_kerastuner_distributed_tuning(monkeypatch, prepared, tmp_path):
+    from tf_bus.config import ClassifierConfig, TuneConfig
+    from tf_bus.data.busi import TfBusError
+    from tf_bus.training.tuning import tune_classifier
+
+    for name, value in (("KERASTUNER_ORACLE_IP", "127.0.0.1"), ("KERASTUNER_ORACLE_PORT", "8000"),
+                        ("KERASTUNER_TUNER_ID", "chief")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(TfBusError, match="cannot be combined with KerasTuner's distributed tuning"):
+        tune_classifier(prepared, tmp_path / "tune", TuneConfig(base=ClassifierConfig(strategy="multiworker")))
+    assert not (tmp_path / "tune").exists()

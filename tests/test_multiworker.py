@@ -62,7 +62,11 @@ def _ports(n: int) -> list[int]:
 
 
 def _start_workers(prepared: Path, run: Path, epochs: int, tmp: Path, tag: str, n: int = 2, start: int | None = None,
-                   env_extra: dict | None = None) -> list[subprocess.Popen]:
+                   env_extra: dict | None = None, command: list[str] | None = None) -> list[subprocess.Popen]:
+    """``n`` worker processes of one TF_CONFIG cluster (only worker ``start`` if given),
+    running ``command`` (default: a tiny train-segmenter into ``run``)."""
+    command = command or ["train-segmenter", "--data", str(prepared), "--out", str(run), "--epochs", str(epochs),
+                          *TINY]
     ports = _ports(n)
     procs = []
     for i in range(n) if start is None else [start]:
@@ -72,8 +76,7 @@ def _start_workers(prepared: Path, run: Path, epochs: int, tmp: Path, tag: str, 
                                         "task": {"type": "worker", "index": i}})}
         log = open(tmp / f"{tag}-worker{i}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tf_bus.cli", "train-segmenter", "--data", str(prepared), "--out", str(run),
-             "--epochs", str(epochs), *TINY], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            [sys.executable, "-m", "tf_bus.cli", *command], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
     return procs
 
 
@@ -94,6 +97,7 @@ def _weights(path: Path) -> list[np.ndarray]:
 
     import tf_bus.models.losses  # noqa: F401  (custom objects)
     import tf_bus.models.metrics  # noqa: F401
+    import tf_bus.models.classifier  # noqa: F401
     import tf_bus.models.unet  # noqa: F401
 
     return keras.saving.load_model(path).get_weights()
@@ -164,3 +168,36 @@ def test_only_multiworker_runs_read_tf_config_for_the_run_dir(monkeypatch, tmp_p
                                                 "task": {"type": "worker", "index": 1}}))
     assert worker_run_dir(tmp_path, "mirrored") == tmp_path
     assert worker_run_dir(tmp_path, "multiworker") == tmp_path / "workers" / "worker-1"
+
+
+@pytest.mark.slow
+def test_tuner_trials_and_the_two_phase_classifier_train_across_two_workers(prepared, tiny_runs, tmp_path):
+    """`tf-bus tune --strategy multiworker --retrain`: both workers' seeded tuners run the same
+    trial across the 2 processes, then the best configuration retrains through the head
+    and fine-tuning phases; every worker ends with the chief's weights."""
+    weights = tiny_runs["classifier"].parent / "resnet50_notop.weights.h5"
+    tune, run = tmp_path / "tune", tmp_path / "run"
+    command = ["tune", "--data", str(prepared), "--out", str(tune), "--retrain", str(run), "--weights", str(weights),
+               "--image-size", "32,32", "--max-trials", "1", "--backbones", "resnet50", "--batch-sizes", "8",
+               "--epochs-range", "2,2", "--fine-tune-stages-range", "1,1", "--head-epochs", "1", "--strategy", "multiworker",
+               "--quiet"]
+    procs = _start_workers(prepared, run, 0, tmp_path, "tune", command=command)
+    assert _wait(procs, 420) == [0, 0], (tmp_path / "tune-worker0.log").read_text()[-3000:]
+    chief_best = json.loads((tune / "best_hyperparameters.json").read_text())
+    worker_best = json.loads((tune / "workers" / "worker-1" / "best_hyperparameters.json").read_text())
+    assert chief_best["strategy"] == "multiworker" and chief_best["replicas"] == 2
+    assert chief_best["trials_completed"] == 1
+    # The same trial, the same all-reduced score on both workers.
+    assert (worker_best["values"], worker_best["score"]) == (chief_best["values"], chief_best["score"])
+    worker_run = run / "workers" / "worker-1"
+    for d in (run, worker_run):
+        assert _epochs(d / "history.csv") == [0, 1]  # the head phase, then the fine-tuning phase
+        assert (d / "head.weights.h5").is_file()
+    summary = json.loads((run / "history.json").read_text())["summary"]
+    assert summary["head_epochs"] == 1 and summary["epochs_run_in_this_fit"] == 2
+    assert json.loads((run / "config.json").read_text())["replicas"] == 2
+    chief, worker = _weights(run / "last.keras"), _weights(worker_run / "last.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(chief, worker))
+    assert all(np.isfinite(w).all() for w in chief)
+    single = {p.name for p in tiny_runs["classifier"].iterdir()}
+    assert {p.name for p in run.iterdir()} - {"workers"} == single

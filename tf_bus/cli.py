@@ -747,12 +747,18 @@ def _add_tune(sub) -> None:
     p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default=d.precision,
                    help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16, else float32 (default: auto)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the tuner and of every trial (default: {d.seed})")
-    p.add_argument("--strategy", choices=("default", "onedevice", "mirrored"), default=d.strategy,
+    p.add_argument("--strategy", choices=("default", "onedevice", "mirrored", "multiworker"), default=d.strategy,
                    help="tf.distribute strategy of every trial (KerasTuner's distribution_strategy): default; "
-                        "onedevice; mirrored (every GPU, or every logical CPU). Each batch size in --batch-sizes is "
-                        "the global batch and must divide over the replicas (default: default)"),
+                        "onedevice; mirrored (every GPU, or every logical CPU); multiworker (each trial trains "
+                        "across the processes in TF_CONFIG: the same command on every host, whose identical seeded "
+                        "tuners run the same trials in step; worker 0 writes TUNE_DIR, the others "
+                        "TUNE_DIR/workers/; not combined with KERASTUNER_* distributed tuning). Each batch size in "
+                        "--batch-sizes is the global batch and must divide over the replicas (default: default)")
     p.add_argument("--retrain", metavar="RUN_DIR",
                    help="after the search, train the best configuration into RUN_DIR (as train-classifier does)")
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs,
+                   help="with pre-trained weights: epochs of head-only training in the --retrain run (trials "
+                        f"fine-tune from their first epoch) (default: {d.head_epochs})")
     p.add_argument("--overwrite", action="store_true", help="start the search afresh instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of progress bars")
     p.set_defaults(func=_cmd_tune)
@@ -766,7 +772,7 @@ def _cmd_tune(args) -> int:
         weights=None if args.weights.lower() == "none" else args.weights, image_size=args.image_size,
         channels=args.channels, label_smoothing=args.label_smoothing, balance=args.balance, schedule=args.schedule,
         augment=not args.no_augment, precision=args.precision, seed=args.seed, time_budget_minutes=0,
-        early_stopping_patience=0, strategy=args.strategy,
+        early_stopping_patience=0, strategy=args.strategy, head_epochs=args.head_epochs,
     )
     tune = TuneConfig(
         base=base, tuner=args.tuner, max_trials=args.max_trials, executions_per_trial=args.executions_per_trial,

@@ -464,10 +464,6 @@ class ClassifierConfig(_TrainingConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.strategy == "multiworker":
-            # Not wired into the classifier's two-phase training yet; the U-Net trains under it.
-            raise ConfigError("`strategy` multiworker is not supported for the classifier yet; use default, "
-                              "onedevice or mirrored. Received: strategy='multiworker'")
         if self.backbone not in ("resnet50", "resnet101"):
             raise ConfigError(f"`backbone` must be resnet50 or resnet101. Received: backbone={self.backbone!r}")
         if min(self.image_size) < 32:

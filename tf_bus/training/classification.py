@@ -57,7 +57,12 @@ class ClassifierData:
 def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
                     splits_file: str | os.PathLike | None = None, *, replicas: int = 1) -> ClassifierData:
     """One-hot train/validation datasets for ``config`` with its class balancing resolved
-    (``layout`` on a raw release becomes ``class_weights``)."""
+    (``layout`` on a raw release becomes ``class_weights``). With several ``replicas`` the
+    last partial training batch is dropped (no replica may get an empty batch); under
+    ``multiworker`` the order is deterministic and each worker keeps its rows of every
+    global batch (``shard_by_data``)."""
+    from tf_bus.training.distribute import shard_by_data
+
     from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
 
     kind, root = detect_layout(data, "classification")
@@ -69,12 +74,16 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
         n_train = len(list_classification(root, "train", include_augmented=include_aug)[0])
     else:
         n_train = len(list_release(root, "train", splits_file=splits_file)[0])
+    multiworker = config.strategy == "multiworker"
     train_ds = _one_hot(classification_dataset(
-        data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1), training=True,
+        data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1,
+                                     deterministic=multiworker), training=True,
         splits_file=splits_file,
         balanced=balance == "sampling", include_augmented=include_aug))
-    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config), training=False,
-                                             splits_file=splits_file))
+    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config, deterministic=multiworker),
+                                             training=False, splits_file=splits_file))
+    if multiworker:
+        train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     weights = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
     return ClassifierData(train_ds, val_ds, math.ceil(n_train / config.batch_size), balance, weights)
 
@@ -112,8 +121,14 @@ def train_classifier(
     Returns:
         A summary (best validation macro-F1 and accuracy, epochs, wall time, images/s).
     """
+    from tf_bus.training.distribute import (backup_and_restore, check_global_batch, chief_decides, make_strategy,
+                                            worker_failures, worker_run_dir)
+
     config = config or ClassifierConfig()
-    run_dir = Path(run_dir).expanduser().resolve()
+    # First: a multi-worker strategy must exist before TensorFlow runs any op.
+    strategy = make_strategy(config.strategy)
+    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
+    run_dir = worker_run_dir(Path(run_dir).expanduser().resolve(), config.strategy)
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
     resuming = check_run_dir(run_dir, record, overwrite, outputs=(
@@ -121,10 +136,6 @@ def train_classifier(
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
-    from tf_bus.training.distribute import check_global_batch, make_strategy
-
-    strategy = make_strategy(config.strategy)
-    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
     # Built before any data is read, so a bad --weights fails fast.
     with strategy.scope():
         model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
@@ -140,11 +151,12 @@ def train_classifier(
 
     budget = TimeBudget(config.time_budget_minutes)
     logs = run_dir / "logs"
-    sample = next(iter(val_ds)) if config.diagnostics else None  # the diagnostics' probe batch
+    # The diagnostics' probe batch (under multiworker: this worker's rows of the first batch).
+    sample = next(iter(val_ds)) if config.diagnostics else None
 
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         cbs = [
-            keras.callbacks.BackupAndRestore(str(run_dir / backup), double_checkpoint=True),
+            backup_and_restore(run_dir / backup, config.strategy),
             keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_f1", mode="max",
                                             save_best_only=True),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
@@ -169,26 +181,31 @@ def train_classifier(
     pretrained = config.weights is not None
     head_epochs = min(config.head_epochs, config.epochs) if pretrained else 0
     head_file = run_dir / "head.weights.h5"
+    # Under multiworker the chief's files decide (a worker killed between the chief's write
+    # and its own must not train the head again); the fine-tuning phase's backup then
+    # gives every worker the chief's weights.
+    head_done = chief_decides(head_file.exists(), config.strategy)
     try:
-        if head_epochs and not head_file.exists():
-            set_trainable_stages(model, 0)
-            with strategy.scope():
-                compile_classifier(model, config, config.learning_rate, head_epochs, steps)
-            h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
-            for k, v in h.history.items():
-                history.setdefault(k, []).extend(float(x) for x in v)
-            model.save_weights(head_file)
-        elif head_file.exists():
-            model.load_weights(head_file)
-        if not budget.stopped_epoch and head_epochs < config.epochs:
-            set_trainable_stages(model, config.fine_tune_stages if pretrained else None)
-            lr = config.fine_tune_learning_rate if pretrained else config.learning_rate
-            with strategy.scope():
-                compile_classifier(model, config, lr, config.epochs - head_epochs, steps)
-            h = model.fit(train_ds, initial_epoch=head_epochs, epochs=config.epochs, callbacks=callbacks("backup"),
-                          **fit_kw)
-            for k, v in h.history.items():
-                history.setdefault(k, []).extend(float(x) for x in v)
+        with worker_failures(config.strategy):
+            if head_epochs and not head_done:
+                set_trainable_stages(model, 0)
+                with strategy.scope():
+                    compile_classifier(model, config, config.learning_rate, head_epochs, steps)
+                h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
+                for k, v in h.history.items():
+                    history.setdefault(k, []).extend(float(x) for x in v)
+                model.save_weights(head_file)
+            elif head_file.exists():
+                model.load_weights(head_file)
+            if not budget.stopped_epoch and head_epochs < config.epochs:
+                set_trainable_stages(model, config.fine_tune_stages if pretrained else None)
+                lr = config.fine_tune_learning_rate if pretrained else config.learning_rate
+                with strategy.scope():
+                    compile_classifier(model, config, lr, config.epochs - head_epochs, steps)
+                h = model.fit(train_ds, initial_epoch=head_epochs, epochs=config.epochs,
+                              callbacks=callbacks("backup"), **fit_kw)
+                for k, v in h.history.items():
+                    history.setdefault(k, []).extend(float(x) for x in v)
         model.save(run_dir / "last.keras")
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -315,18 +315,34 @@ def backup_and_restore(backup_dir, strategy_name: str):
     return _chief_synced_backup_class()(str(backup_dir), double_checkpoint=True)
 
 
+def chief_value(strategy, value):
+    """The chief's ``value`` on every worker (a sum to which only global replica 0 adds);
+    call it inside a ``tf.function``, the same number of times on every worker."""
+    import tensorflow as tf
+
+    def pick(x):
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(first, x, tf.zeros_like(x))
+
+    return strategy.reduce("SUM", strategy.run(pick, args=(value,)), axis=None)
+
+
+def chief_decides(flag: bool, strategy_name: str) -> bool:
+    """``flag`` as the chief has it, under ``multiworker`` (every worker must call this at
+    the same point); ``flag`` itself otherwise. Used where a worker's own files may lag
+    the chief's (a worker killed between two writes)."""
+    if strategy_name != "multiworker":
+        return flag
+    import tensorflow as tf
+
+    strategy = make_strategy("multiworker")
+    return bool(tf.function(lambda v: chief_value(strategy, v))(tf.constant(int(flag), tf.int64)))
+
+
 @functools.lru_cache(maxsize=1)
 def _chief_synced_backup_class():
     import keras
     import tensorflow as tf
-
-    def chief_value(strategy, value):
-        """The chief's ``value`` on every worker (a sum to which only global replica 0 adds)."""
-        def pick(x):
-            first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
-            return tf.where(first, x, tf.zeros_like(x))
-
-        return strategy.reduce("SUM", strategy.run(pick, args=(value,)), axis=None)
 
     class ChiefSyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
         def on_train_begin(self, logs=None):

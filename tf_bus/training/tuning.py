@@ -21,6 +21,13 @@ and the workers run trials. Start every process with the same command and these
 variables: ``KERASTUNER_ORACLE_IP`` / ``KERASTUNER_ORACLE_PORT`` (the chief's address),
 ``KERASTUNER_TUNER_ID`` (``chief`` for the chief, ``tuner0``, ``tuner1`` … for workers).
 TUNE_DIR must be a folder that every process sees (one machine, or a shared file system).
+
+``--strategy multiworker`` is the other way to use several machines: every trial trains
+across all the processes in ``TF_CONFIG`` (MultiWorkerMirroredStrategy). Each process runs
+its own tuner with the same seed, and the trials' scores are all-reduced, so every tuner
+proposes the same trials in the same order. Worker 0 writes TUNE_DIR, the others
+TUNE_DIR/workers/<type>-<index>. It cannot be combined with KerasTuner's chief/worker
+protocol above.
 """
 
 from __future__ import annotations
@@ -147,14 +154,11 @@ def trial_config(tune: TuneConfig, hp) -> ClassifierConfig:
     return dataclasses.replace(base, **over)
 
 
-def _make_tuner(tune: TuneConfig, hypermodel, out: Path, overwrite: bool):
+def _make_tuner(tune: TuneConfig, hypermodel, out: Path, overwrite: bool, strategy=None):
+    """The KerasTuner tuner; it builds each trial's model under ``strategy`` (--strategy)."""
     import keras_tuner
 
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
-    from tf_bus.training.distribute import make_strategy
-
-    # KerasTuner builds each trial's model under this strategy (--strategy).
-    strategy = make_strategy(tune.base.strategy) if tune.base.strategy != "default" else None
     common = dict(objective=objective, executions_per_trial=tune.executions_per_trial, overwrite=overwrite,
                   directory=str(out), project_name=PROJECT, seed=tune.base.seed, max_consecutive_failed_trials=3,
                   distribution_strategy=strategy)
@@ -243,9 +247,18 @@ def tune_classifier(
     """
     from tf_bus.training.precision import set_precision
 
+    from tf_bus.training.distribute import make_strategy, worker_run_dir
+
     tune = tune or TuneConfig()
-    role = _tuner_role()
-    out = Path(out).expanduser().resolve()
+    role = _tuner_role()  # reads the environment only
+    if role != "single" and tune.base.strategy == "multiworker":
+        raise TfBusError("--strategy multiworker runs every trial across the TF_CONFIG workers, each with its own "
+                         "tuner; it cannot be combined with KerasTuner's distributed tuning. Unset "
+                         "KERASTUNER_ORACLE_IP (and KERASTUNER_ORACLE_PORT, KERASTUNER_TUNER_ID), or use another "
+                         "--strategy.")
+    # Before TensorFlow runs any op: a multi-worker strategy must be created first.
+    strategy = make_strategy(tune.base.strategy) if tune.base.strategy != "default" else None
+    out = worker_run_dir(Path(out).expanduser().resolve(), tune.base.strategy)
     record = {"tune": json.loads(json.dumps(tune.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
     saved = out / "tune_config.json"
@@ -267,7 +280,7 @@ def tune_classifier(
     keras.utils.set_random_seed(tune.base.seed)
     hypermodel = _make_hypermodel(tune, data, splits_file)
     # Only the chief (or a single process) may reset the project; workers join it.
-    tuner = _make_tuner(tune, hypermodel, out, overwrite and role != "worker")
+    tuner = _make_tuner(tune, hypermodel, out, overwrite and role != "worker", strategy)
     t0 = time.perf_counter()
     try:
         # KerasTuner gives each trial its own TensorBoard folder under logs/.
