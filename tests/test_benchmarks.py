@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,8 @@ def test_serving_latency_benchmark_prints_json():
         assert entry["p50_ms"] <= entry["p99_ms"]
         assert abs(entry["p50_ratio_to_in_process"] - entry["p50_ms"] / out["in_process"]["p50_ms"]) < 1e-9
         assert out["batching"][proto]["throughput_rps_2_clients"] > 0 and out[f"{proto}_batching_speedup"] > 0
+        assert out["batch_ceiling"][f"{proto}_batching_speedup_ceiling"] > 0
+    floor = out["rest_json_floor"]
+    assert floor["rest_p50_ratio_floor"] == pytest.approx(
+        (out["in_process"]["p50_ms"] + floor["encode_decode_p50_ms"]) / out["in_process"]["p50_ms"])
+    assert floor["rest_p50_ratio_floor"] > 1 and out["batch_ceiling"]["in_process_batch_speedup"] > 0

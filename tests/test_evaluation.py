@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tf_bus.evaluation import aggregate_mask_metrics, choose_threshold, hd95, mask_metrics
+from tf_bus.evaluation import (aggregate_mask_metrics, choose_postprocessing, choose_threshold, hd95, mask_metrics,
+                               postprocess_mask)
 
 
 def _a(rows):
@@ -80,6 +81,37 @@ def test_choose_threshold_picks_the_best_dice():
     best, scores = choose_threshold([("a", "", prob, truth)])
     assert best <= 0.4 and scores[best] == pytest.approx(1.0)
     assert scores[0.5] == 0.0
+
+
+def _mask(rows: list[str]) -> np.ndarray:
+    return np.array([[c == "#" for c in r] for r in rows])
+
+
+@pytest.mark.parametrize("mode, given, expected", [
+    ("none", ["##..#", "##...", "....."], ["##..#", "##...", "....."]),
+    ("largest", ["##..#", "##...", "....."], ["##...", "##...", "....."]),  # the stray pixel goes
+    ("largest", ["###..", "#.#..", "###.#"], ["###..", "###..", "###.."]),  # the hole is filled
+    ("largest", ["#....", ".#...", "..#.#"], ["#....", ".#...", "..#.."]),  # 8-connected: a diagonal is one
+    ("largest", [".....", "....."], [".....", "....."]),  # empty stays empty
+])
+def test_postprocessing_by_hand(mode, given, expected):
+    assert np.array_equal(postprocess_mask(_mask(given), mode), _mask(expected))
+
+
+def test_postprocessing_is_chosen_on_validation_only_when_it_helps():
+    truth = np.zeros((8, 8), np.uint8)
+    truth[1:5, 1:5] = 1
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    clean = [("a", "", prob, truth)]
+    t, mode, scores = choose_postprocessing(clean)
+    assert mode == "none" and scores["none"][t] == pytest.approx(1.0)  # a tie keeps the mask as it is
+    noisy = prob.copy()
+    noisy[6:8, 6:8] = 0.9  # a false blob apart from the lesion
+    t, mode, scores = choose_postprocessing([("a", "", noisy, truth)])
+    assert mode == "largest" and scores["largest"][t] == pytest.approx(1.0)
+    assert scores["none"][t] < 0.9
+    with pytest.raises(ValueError, match="largest"):
+        postprocess_mask(truth, "biggest")
 
 
 def test_classification_metrics_by_hand():

@@ -86,7 +86,9 @@ def test_evaluate_cli_schema(tiny_run, prepared):
     normal = next(r for r in result["per_image"] if not r["lesion"])
     assert normal["dice"] is None and isinstance(normal["predicted_empty"], bool)
     assert set(result["aggregate"]) == {"lesion_images", "normal_images"}
-    assert json.loads((run / "threshold.json").read_text())["threshold"] == result["settings"]["threshold"]
+    choice = json.loads((run / "threshold.json").read_text())
+    assert choice["threshold"] == result["settings"]["threshold"]
+    assert choice["postprocess"] == result["settings"]["postprocess"] in ("none", "largest")
     assert (run / "eval_test" / "overlays.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -446,8 +446,13 @@ def _add_evaluate_segmenter(sub) -> None:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the left-right flip")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: RUN_DIR/threshold.json if present, else the run's)")
+    p.add_argument("--postprocess", choices=("none", "largest"), default=None,
+                   help="none: the thresholded mask; largest: keep its largest connected component, holes filled "
+                        "(default: the choice in RUN_DIR/threshold.json if present, else none)")
     p.add_argument("--choose-threshold", action="store_true",
-                   help="pick the threshold with the best mean Dice on the validation split first (saved to threshold.json)")
+                   help="first pick the threshold, and the --postprocess unless given, with the best mean lesion "
+                        "Dice on the validation split (saved to RUN_DIR/threshold.json, which later evaluations "
+                        "and export reuse)")
     p.set_defaults(func=_cmd_evaluate_segmenter)
 
 
@@ -455,7 +460,7 @@ def _cmd_evaluate_segmenter(args) -> int:
     from tf_bus.evaluation import evaluate_segmenter
 
     res = evaluate_segmenter(args.run_dir, args.data, args.split, tta=args.tta, threshold=args.threshold,
-                             choose_on_validation=args.choose_threshold, splits_file=args.splits)
+                             postprocess=args.postprocess, choose_on_validation=args.choose_threshold, splits_file=args.splits)
     agg = res["aggregate"]
     print(json.dumps({"settings": res["settings"], "aggregate": agg}, indent=2))
     print(f"per-image metrics and overlays -> {os.path.join(args.run_dir, 'eval_' + args.split)}")

@@ -17,6 +17,10 @@ Edge cases, by definition:
   found), HD95 = NaN (no boundary to measure; counted in ``hd95_undefined``).
 
 Aggregates average lesion images and normal images separately.
+
+Post-processing (nnU-Net's habit, chosen on validation): ``largest`` keeps the largest
+8-connected component of the thresholded mask and fills its holes (BUSI images hold one
+lesion); ``none`` keeps the thresholded mask as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ from typing import Any
 import numpy as np
 
 METRIC_KEYS = ("tpr", "fpr", "jaccard", "dice", "precision", "hd95")
+POSTPROCESSING = ("none", "largest")
+
+
+def postprocess_mask(mask: np.ndarray, mode: str = "none") -> np.ndarray:
+    """``mask`` (bool, H x W) after post-processing ``mode`` (see the module docstring)."""
+    mask = np.asarray(mask, bool)
+    if mode == "none":
+        return mask
+    if mode != "largest":
+        raise ValueError(f"postprocessing must be one of {', '.join(POSTPROCESSING)}. Received: {mode!r}")
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return ndimage.binary_fill_holes(labels == largest)
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -152,15 +173,28 @@ def predict_split(run_dir, data, split: str, *, tta: bool = False, splits_file=N
     return out
 
 
-def choose_threshold(predictions, candidates=None) -> tuple[float, dict[str, float]]:
-    """The threshold with the best mean Dice over lesion images (ties: nearest 0.5)."""
+def choose_threshold(predictions, candidates=None, postprocess: str = "none") -> tuple[float, dict[str, float]]:
+    """The threshold with the best mean Dice over lesion images (ties: nearest 0.5), with
+    ``postprocess`` applied to each thresholded mask."""
     candidates = candidates or [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]
     scores = {}
     for t in candidates:
-        dices = [mask_metrics(p >= t, g, with_hd95=False)["dice"] for _, _, p, g in predictions if g.any()]
+        dices = [mask_metrics(postprocess_mask(p >= t, postprocess), g, with_hd95=False)["dice"]
+                 for _, _, p, g in predictions if g.any()]
         scores[t] = float(np.mean(dices)) if dices else 0.0
     best = max(candidates, key=lambda t: (round(scores[t], 4), -abs(t - 0.5)))
     return best, scores
+
+
+def choose_postprocessing(predictions, candidates=None) -> tuple[float, str, dict[str, dict[float, float]]]:
+    """The (threshold, post-processing) pair with the best mean lesion Dice; ``none`` wins
+    ties. Returns the pair and every mean Dice, by post-processing then threshold."""
+    scores, best = {}, None
+    for mode in POSTPROCESSING:
+        t, scores[mode] = choose_threshold(predictions, candidates, mode)
+        if best is None or round(scores[mode][t], 4) > round(scores[best[1]][best[0]], 4):
+            best = (t, mode)
+    return best[0], best[1], scores
 
 
 def _overlay_grid(rows, path) -> None:
@@ -192,6 +226,7 @@ def evaluate_segmenter(
     *,
     tta: bool = False,
     threshold: float | None = None,
+    postprocess: str | None = None,
     choose_on_validation: bool = False,
     splits_file=None,
     max_overlays: int = 12,
@@ -200,7 +235,9 @@ def evaluate_segmenter(
 
     Threshold: ``threshold`` if given; else, with ``choose_on_validation``, the best on the
     validation split (saved to ``RUN_DIR/threshold.json``); else a saved
-    ``threshold.json``; else the run's config threshold.
+    ``threshold.json``; else the run's config threshold. Post-processing (``none`` or
+    ``largest``): ``postprocess`` if given; else chosen on validation together with the
+    threshold; else the saved choice; else ``none``.
 
     Returns:
         ``{"settings", "aggregate", "per_image"}`` as saved in ``metrics.json``; also
@@ -215,19 +252,29 @@ def evaluate_segmenter(
     run_dir = Path(run_dir)
     cfg, _ = load_run_config(run_dir)
     saved = run_dir / "threshold.json"
+    if postprocess is not None and postprocess not in POSTPROCESSING:
+        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESSING)}. Received: {postprocess!r}")
     chosen_scores = None
     if threshold is None and choose_on_validation:
         val = predict_split(run_dir, data, "validation", tta=tta, splits_file=splits_file)
-        threshold, chosen_scores = choose_threshold(val)
-        write_json_atomic(saved, {"threshold": threshold, "tta": tta, "validation_mean_dice": chosen_scores})
-    elif threshold is None and saved.exists():
-        threshold = float(json.loads(saved.read_text())["threshold"])
-    elif threshold is None:
-        threshold = cfg.threshold
+        if postprocess is None:
+            threshold, postprocess, chosen_scores = choose_postprocessing(val)
+        else:
+            threshold, by_threshold = choose_threshold(val, postprocess=postprocess)
+            chosen_scores = {postprocess: by_threshold}
+        write_json_atomic(saved, {"threshold": threshold, "postprocess": postprocess, "tta": tta,
+                                  "validation_mean_dice": chosen_scores})
+    elif saved.exists() and (threshold is None or postprocess is None):
+        choice = json.loads(saved.read_text())
+        threshold = float(choice["threshold"]) if threshold is None else threshold
+        postprocess = postprocess or choice.get("postprocess", "none")
+    threshold = cfg.threshold if threshold is None else threshold
+    postprocess = postprocess or "none"
     preds = predict_split(run_dir, data, split, tta=tta, splits_file=splits_file)
     per_image = []
-    for name, _, prob, truth in preds:
-        m = mask_metrics(prob >= threshold, truth)
+    masks = [postprocess_mask(prob >= threshold, postprocess) for _, _, prob, _ in preds]
+    for (name, _, prob, truth), mask in zip(preds, masks):
+        m = mask_metrics(mask, truth)
         per_image.append({"name": name, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                            for k, v in m.items()}})
     agg = aggregate_mask_metrics([{**r, **{k: (math.nan if r[k] is None else r[k]) for k in METRIC_KEYS}}
@@ -235,17 +282,18 @@ def evaluate_segmenter(
     out_dir = run_dir / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
-        "settings": {"split": split, "threshold": threshold, "tta": tta, "data": str(data),
-                     "threshold_scores_on_validation": chosen_scores},
+        "settings": {"split": split, "threshold": threshold, "postprocess": postprocess, "tta": tta,
+                     "data": str(data), "threshold_scores_on_validation": chosen_scores},
         "aggregate": agg,
         "per_image": per_image,
     }
     write_json_atomic(out_dir / "metrics.json", result)
-    lesion = sorted((p for p in zip(preds, per_image) if p[1]["lesion"]), key=lambda p: p[1]["dice"])
+    triples = [(pr, r, mask) for pr, r, mask in zip(preds, per_image, masks)]
+    lesion = sorted((t for t in triples if t[1]["lesion"]), key=lambda t: t[1]["dice"])
     picks = [lesion[int(round(i))] for i in np.linspace(0, len(lesion) - 1, min(max_overlays, len(lesion)))] if lesion else []
-    normals = [p for p in zip(preds, per_image) if not p[1]["lesion"]][:3]
-    rows = [(r["name"], pr[1], pr[2] >= threshold, pr[3], math.nan if r["dice"] is None else r["dice"])
-            for pr, r in picks + normals]
+    normals = [t for t in triples if not t[1]["lesion"]][:3]
+    rows = [(r["name"], pr[1], mask, pr[3], math.nan if r["dice"] is None else r["dice"])
+            for pr, r, mask in picks + normals]
     if rows:
         _overlay_grid(rows, out_dir / "overlays.png")
     return result
