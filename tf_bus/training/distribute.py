@@ -174,7 +174,10 @@ def _multiworker_strategy(join_timeout: float, heartbeat_timeout: float):
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver,
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=max(heartbeat_timeout, 1.0) * 4),
+                # A collective waits for the slowest worker, which may still be tracing a
+                # ResNet step (a minute or more on a busy CPU); lost workers are caught by
+                # the heartbeat, which aborts collectives, not by this timeout.
+                timeout_seconds=_env_seconds("TF_BUS_COLLECTIVE_TIMEOUT", 600.0)),
         )
         strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)  # every worker is there
     except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
