@@ -19,41 +19,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-
-
-def conv_flops(model) -> float:
-    """Forward FLOPs of one image through the model's (transposed) convolutions."""
-    import keras
-
-    total = 0.0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            _, h, w, cin = layer.input.shape
-            kh, kw = layer.kernel_size
-            total += 2.0 * h * w * kh * kw * cin * layer.filters
-        elif isinstance(layer, keras.layers.Conv2D):
-            _, h, w, cout = layer.output.shape
-            cin = layer.input.shape[-1]
-            kh, kw = layer.kernel_size
-            total += 2.0 * h * w * kh * kw * cin * cout
-    return total
-
-
-def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    import tensorflow as tf
-
-    a = tf.random.uniform((n, n), dtype=tf.float32)
-    b = tf.random.uniform((n, n), dtype=tf.float32)
-    if dtype == "bfloat16":
-        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
-    f = tf.function(lambda x, y: tf.matmul(x, y))
-    f(a, b).numpy()
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).numpy()
-        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t))
-    return best
+from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
 
 
 def train_rate(size: int, base: int, depth: int, batch: int, steps: int, precision: str) -> tuple[float, float]:

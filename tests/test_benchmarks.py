@@ -13,13 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> dict:
+    """Runs benchmarks/SCRIPT with ARGS and returns the JSON it prints."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
 def test_loader_benchmark_prints_json(synthetic_release):
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--data", str(synthetic_release),
-         "--size", "64", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = run_benchmark("loader_throughput.py", "--data", str(synthetic_release), "--size", "64", "--repeats", "1")
     assert out["images"] == 36
     for key in ("baseline_pil_loop_images_per_s", "loader_cold_epoch_images_per_s", "loader_cached_epoch_images_per_s"):
         assert out[key] > 0
@@ -28,24 +31,28 @@ def test_loader_benchmark_prints_json(synthetic_release):
 
 
 def test_segmenter_training_benchmark_prints_json():
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "segmenter_training.py"), "--size", "32", "--base-filters", "4",
-         "--depth", "2", "--batch", "2", "--steps", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)["results"]["float32"]
+    res = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
+                        "--batch", "2", "--steps", "1")["results"]["float32"]
     # 32x32, depth 2, 4 filters: the first conv alone is 2*32*32*9*1*4 FLOPs.
     assert res["forward_gflops_per_image"] > 2 * 32 * 32 * 9 * 4 / 1e9
     assert res["train_images_per_s"] > 0 and 0 < res["utilisation_of_peak"]
 
 
+def test_classifier_training_benchmark_prints_json():
+    out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
+                        "--precisions", "float32,mixed_bfloat16", "--batch", "2", "--steps", "1")
+    res = out["results"]["resnet50"]
+    # ResNet50 is about 4.1 GMACs (8.2 GFLOPs) at 224 px; FLOPs scale with the pixel count.
+    assert 0.8 * 8.2 * (32 / 224) ** 2 < res["float32"]["forward_gflops_per_image"] < 1.2 * 8.2 * (32 / 224) ** 2
+    for precision in ("float32", "mixed_bfloat16"):
+        assert res[precision]["train_images_per_s"] > 0 and 0 < res[precision]["utilisation_of_peak"]
+        assert out["matmul_peak_gflop_per_s"][precision] > 0
+    ratio = res["mixed_bfloat16"]["train_images_per_s"] / res["float32"]["train_images_per_s"]
+    assert abs(res["bf16_speedup"] - ratio) <= 0.01 * ratio + 0.002
+
+
 def test_serving_latency_benchmark_prints_json():
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "serving_latency.py"), "--requests", "3", "--clients", "2",
-         "--per-client", "1"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
+    out = run_benchmark("serving_latency.py", "--requests", "3", "--clients", "2", "--per-client", "1", timeout=600)
     assert out["in_process"]["p50_ms"] > 0
     for proto in ("grpc", "rest"):
         entry = out["no_batching"][proto]

@@ -28,6 +28,11 @@ def test_local_weights_file_is_loaded(tmp_path):
     model = build_classifier("resnet50", str(path), image_size=(64, 64))
     got = model.get_layer("backbone").get_layer("conv1_conv").get_weights()[0]
     np.testing.assert_array_equal(got, source.get_layer("conv1_conv").get_weights()[0])
+    # Pre-trained BatchNorm keeps keras.applications' momentum; a from-scratch one gets 0.9.
+    scratch = build_classifier("resnet50", None, image_size=(64, 64), bn_momentum=0.9)
+    for m, expected in ((model, 0.99), (scratch, 0.9)):
+        bns = [l for l in m.get_layer("backbone").layers if isinstance(l, keras.layers.BatchNormalization)]
+        assert len(bns) == 53 and {l.momentum for l in bns} == {expected}
 
 
 def test_preprocessing_matches_keras_applications():
@@ -75,3 +80,55 @@ def test_from_scratch_trains_every_layer_batchnorm_included():
     bns = [l for l in model.get_layer("backbone").layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bns and all(l.trainable for l in bns)
     assert len(model.trainable_weights) == len([w for w in model.weights if "moving" not in w.path])
+
+
+def _bce(t, p):
+    return -(t * np.log(p) + (1 - t) * np.log(1 - p))
+
+
+@pytest.mark.parametrize("known", [1.0, 0.0])
+def test_lesion_mask_loss_by_hand(known):
+    # A 2x2 head output against a 4x4 mask: the mask is area-resized to 2x2 (soft targets),
+    # then per image BCE from logits + soft Dice (smooth 1), times `known`, times the weight.
+    from tf_bus.models.classifier import LesionMaskLoss
+
+    logits = np.array([0.0, 2.0, -1.0, 1.0], np.float32).reshape(1, 2, 2, 1)
+    mask = np.zeros((1, 4, 4, 1), np.float32)
+    mask[0, :2, :2] = 1.0      # top-left quarter: target 1
+    mask[0, :2, 2:3] = 1.0     # half of the top-right quarter: target 0.5
+    t = np.array([1.0, 0.5, 0.0, 0.0])
+    p = 1 / (1 + np.exp(-logits.reshape(-1)))
+    bce = _bce(t, p).mean()
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    layer = LesionMaskLoss(weight=0.5)
+    probs = np.array([[0.2, 0.3, 0.5]], np.float32)
+    out = layer(probs, logits, mask, np.array([known], np.float32))
+    np.testing.assert_allclose(np.asarray(out), probs)
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(float(layer.losses[0]), 0.5 * known * (bce + dice), rtol=1e-5)
+    assert LesionMaskLoss.from_config(layer.get_config()).weight == 0.5
+
+
+def test_lesion_head_training_model_and_its_classifier(tmp_path):
+    from tf_bus.models.classifier import inference_model
+
+    model = build_classifier("resnet50", None, image_size=(64, 64), channels=1, mask_loss_weight=1.0)
+    assert set(model.input) == {"image", "lesion_mask", "mask_known"}
+    assert model.get_layer("lesion_logits").output.shape == (None, 4, 4, 1)  # conv4: stride 16
+    set_trainable_stages(model, None)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = {"image": rng.random((4, 64, 64, 1), np.float32) * 255,
+         "lesion_mask": (rng.random((4, 64, 64, 1)) > 0.5).astype(np.float32), "mask_known": np.ones(4, np.float32)}
+    y = keras.utils.to_categorical([0, 1, 2, 0], 3)
+    with_head = model.evaluate(x, y, verbose=0)
+    without = model.evaluate({**x, "mask_known": np.zeros(4, np.float32)}, y, verbose=0)
+    assert with_head > without + 0.1  # the head's loss joins the total only where the mask is known
+    clf = inference_model(model)
+    assert clf.input_shape == (None, 64, 64, 1) and clf.output_shape == (None, 3)
+    assert not any(l.name.startswith("lesion") for l in clf.layers)
+    np.testing.assert_allclose(clf.predict(x["image"], verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    clf.save(tmp_path / "clf.keras")
+    again = keras.saving.load_model(tmp_path / "clf.keras")
+    np.testing.assert_allclose(again.predict(x["image"], verbose=0), clf.predict(x["image"], verbose=0), atol=1e-6)
+    assert inference_model(clf) is clf

@@ -95,10 +95,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 def _weights(path: Path) -> list[np.ndarray]:
     import keras
 
-    import tf_bus.models.losses  # noqa: F401  (custom objects)
-    import tf_bus.models.metrics  # noqa: F401
-    import tf_bus.models.classifier  # noqa: F401
-    import tf_bus.models.unet  # noqa: F401
+    import tf_bus.models  # noqa: F401  (registers the custom objects)
 
     return keras.saving.load_model(path).get_weights()
 

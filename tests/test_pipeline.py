@@ -70,6 +70,42 @@ def test_segmentation_loader_masks_match_the_layout(source, prepared, synthetic_
     assert all(m[i].sum() == 0 for i, les in enumerate(lesion) if not les)
 
 
+@pytest.mark.parametrize("source", CLS_SOURCES)
+def test_classification_loader_with_lesion_masks(source, prepared, synthetic_release):
+    # The multi-task classifier's masks are the segmentation layout's, paired by name;
+    # offline-balancing copies have none (known 0, an all-zero mask).
+    data = {"prepared": prepared, "classification": prepared / "classification", "release": synthetic_release}[source]
+    cfg = LoaderConfig(**SMALL, shuffle=False, augment=False)
+    _, ref_m, ref_names = _collect(segmentation_dataset(prepared, "train", cfg, include_names=True, training=False))
+    ref = dict(zip(ref_names, ref_m))
+    batches = list(classification_dataset(data, "train", cfg, include_names=True, with_masks=True,
+                                          splits_file=prepared / "splits.json"))
+    labels = np.concatenate([np.asarray(b[1][0]) for b in batches])
+    masks = np.concatenate([np.asarray(b[1][1]) for b in batches])
+    known = np.concatenate([np.asarray(b[1][2]) for b in batches])
+    names = np.concatenate([np.asarray(b[2]) for b in batches])
+    assert masks.shape[1:] == (48, 40, 1) and known.dtype == np.float32
+    copies = [b"__aug" in n for n in names]
+    assert any(copies) == (source != "release")  # the release has no balancing copies
+    for name, label, mask, k, copy in zip(names, labels, masks, known, copies):
+        if copy:
+            assert k == 0.0 and mask.sum() == 0, name
+        else:
+            assert k == 1.0, name
+            np.testing.assert_array_equal(mask, ref[name])
+            assert (mask.sum() > 0) == (label != 2), name
+
+
+def test_lesion_masks_need_the_segmentation_layout(prepared, tmp_path):
+    import shutil
+
+    alone = tmp_path / "classification"
+    shutil.copytree(prepared / "classification", alone)
+    with pytest.raises(TfBusError, match=r"segmentation.*--mask-loss-weight 0"):
+        classification_dataset(alone, "train", LoaderConfig(**SMALL), with_masks=True)
+    classification_dataset(alone, "train", LoaderConfig(**SMALL))  # without masks it is fine
+
+
 def test_augmentation_keeps_image_and_mask_aligned():
     # An image that *is* its mask: after the same geometry they must still agree.
     mask = np.zeros((64, 64, 1), np.float32)

@@ -12,7 +12,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -49,17 +49,24 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
         assert (run / "eval_test" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_two_phase_fine_tuning_from_a_local_weights_file(prepared, tmp_path):
+def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
+    # Two phases over a local weights file, with the multi-task lesion head and balanced sampling.
     source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
     weights = tmp_path / "resnet50_notop.weights.h5"
     source.save_weights(weights)
     run = tmp_path / "run"
-    cfg = tiny(weights=str(weights), head_epochs=1, epochs=2, balance="sampling")
+    cfg = tiny(weights=str(weights), head_epochs=1, epochs=2, balance="sampling", mask_loss_weight=1.0)
     summary = train_classifier(prepared, run, cfg, verbose=0)
     assert summary["head_epochs"] == 1 and summary["epochs_run_in_this_fit"] == 2
     assert (run / "head.weights.h5").is_file()
-    epochs = [int(r["epoch"]) for r in csv.DictReader((run / "history.csv").open())]
-    assert epochs == [0, 1], "the fine-tuning phase continues the epoch count"
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1], "the fine-tuning phase continues the epoch count"
+    # The lesion head's BCE + Dice is in the loss: well above the label-smoothed cross-entropy alone.
+    assert all(float(r["loss"]) > 1.5 for r in rows), rows
+    for name in ("best.keras", "last.keras"):  # only the image -> probabilities classifier is saved
+        model = keras.saving.load_model(run / name)
+        assert model.input_shape == (None, 32, 32, 1) and model.output_shape == (None, 3), name
+        assert not any(l.name.startswith("lesion") for l in model.layers), name
     with pytest.raises(TfBusError, match="--overwrite"):
         train_classifier(prepared, run, cfg, verbose=0)
 

@@ -347,7 +347,8 @@ def _add_training_flags(p, d, monitored: str) -> None:
 
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
-                   help=f"cosine: warm-up then cosine decay; plateau: halve on a val-loss plateau (default: {d.schedule})")
+                   help="cosine: warm-up then cosine decay to 1%% over --epochs or --time-budget, whichever runs out first; "
+                        f"plateau: halve on a val-loss plateau; constant (default: {d.schedule})")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
     p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
@@ -356,7 +357,8 @@ def _add_training_flags(p, d, monitored: str) -> None:
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
                    help=f"early stopping: epochs without a better {monitored}, 0 disables (default: {d.early_stopping_patience})")
     p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
-                   help=f"stop after the epoch that crosses this wall time, 0 for none (default: {d.time_budget_minutes:g})")
+                   help="stop after the epoch that crosses this wall time; the cosine schedule anneals by then; 0 for none "
+                        f"(default: {d.time_budget_minutes:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
     p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
                    help="write a TensorBoard profiler trace of these training batches (default: none)")
@@ -482,6 +484,13 @@ def _add_classifier_flags(p, d) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
                    help=f"input channels; grey is replicated inside the model (default: {d.channels})")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--mask-loss-weight", type=float, default=d.mask_loss_weight, metavar="W",
+                   help="multi-task training: above 0, a lesion head on the backbone learns the lesion masks (BCE + "
+                        "Dice, weight W) next to the class; needs a `tf-bus prepare` output or the raw release; only "
+                        f"the classifier is saved and exported; 0 disables (default: {d.mask_loss_weight:g})")
+    p.add_argument("--bn-momentum", type=float, default=d.bn_momentum,
+                   help="BatchNorm momentum of a from-scratch backbone; keras.applications' 0.99 lags on a few dozen "
+                        f"steps an epoch (default: {d.bn_momentum:g})")
     p.add_argument("--balance", choices=("layout", "class_weights", "sampling"), default=d.balance,
                    help="layout: the offline-balanced train split of a prepared layout (class weights for a raw "
                         "release); class_weights; sampling: classes drawn equally (default: layout)")
@@ -522,7 +531,8 @@ def _cmd_train_classifier(args) -> int:
         image_size=args.image_size, channels=args.channels, dropout=args.dropout, head_epochs=args.head_epochs,
         fine_tune_stages=args.fine_tune_stages, epochs=args.epochs, learning_rate=args.learning_rate,
         fine_tune_learning_rate=args.fine_tune_learning_rate, label_smoothing=args.label_smoothing,
-        balance=args.balance, **_training_kwargs(args),
+        mask_loss_weight=args.mask_loss_weight, bn_momentum=args.bn_momentum, balance=args.balance,
+        **_training_kwargs(args),
     )
     summary = train_classifier(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
                                verbose=2 if args.quiet else 1)
@@ -775,7 +785,8 @@ def _cmd_tune(args) -> int:
 
     base = ClassifierConfig(
         weights=None if args.weights.lower() == "none" else args.weights, image_size=args.image_size,
-        channels=args.channels, label_smoothing=args.label_smoothing, balance=args.balance, schedule=args.schedule,
+        channels=args.channels, label_smoothing=args.label_smoothing, mask_loss_weight=args.mask_loss_weight,
+        bn_momentum=args.bn_momentum, balance=args.balance, schedule=args.schedule,
         augment=not args.no_augment, precision=args.precision, seed=args.seed, time_budget_minutes=0,
         early_stopping_patience=0, strategy=args.strategy, head_epochs=args.head_epochs,
     )

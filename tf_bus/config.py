@@ -361,8 +361,9 @@ class SegmenterConfig(_TrainingConfig):
         epochs: maximum epochs.
         batch_size: global batch size.
         learning_rate: peak learning rate (Adam).
-        schedule: ``cosine`` (warm-up then cosine decay to 1% over ``epochs``),
-            ``plateau`` (halve on a validation-loss plateau) or ``constant``.
+        schedule: ``cosine`` (warm-up then cosine decay to 1% over ``epochs`` or over the
+            time budget, whichever runs out first: ``BudgetedCosine``), ``plateau`` (halve
+            on a validation-loss plateau) or ``constant``.
         warmup_epochs: linear warm-up epochs for ``cosine``.
         weight_decay: AdamW decoupled weight decay (0 for plain Adam).
         augment: paired augmentation of the training split.
@@ -389,7 +390,7 @@ class SegmenterConfig(_TrainingConfig):
     upsampling: str = "transpose"
     padding: str = "same"
     loss: str = "bce_dice"
-    epochs: int = 45
+    epochs: int = 60  # more than fit in the budget on 2 cores: the time clock drives the cosine (BudgetedCosine)
     batch_size: int = 8
     learning_rate: float = 2e-3
     schedule: str = "cosine"
@@ -430,6 +431,13 @@ class ClassifierConfig(_TrainingConfig):
         fine_tune_learning_rate: learning rate of phase 2 with pre-trained weights.
         schedule, warmup_epochs, weight_decay: as for the segmenter.
         label_smoothing: label smoothing of the cross-entropy.
+        mask_loss_weight: above 0, multi-task training: a lesion head on the backbone's
+            conv4/conv5 features learns the lesion mask (BCE + soft Dice, this weight) next
+            to the class, so the from-scratch backbone learns where the lesion is. Needs
+            masks: a `tf-bus prepare` output or the raw release. Only the classifier is
+            saved, evaluated and exported. 0 disables.
+        bn_momentum: BatchNormalization momentum of a from-scratch backbone (0.99 in
+            keras.applications lags on small data; see ``build_classifier``).
         balance: ``layout`` (use the offline-balanced train split of a prepared layout;
             class weights for a raw release), ``class_weights`` or ``sampling``
             (classes drawn equally).
@@ -444,7 +452,7 @@ class ClassifierConfig(_TrainingConfig):
     dropout: float = 0.3
     head_epochs: int = 3
     fine_tune_stages: int = 2
-    epochs: int = 18  # from scratch on 2 cores: ~2.3 min an epoch at 128 px, so the cosine ends inside the budget
+    epochs: int = 30  # more than fit in the budget on 2 cores: the time clock drives the cosine (BudgetedCosine)
     batch_size: int = 16
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-4
@@ -452,6 +460,8 @@ class ClassifierConfig(_TrainingConfig):
     warmup_epochs: int = 1
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    mask_loss_weight: float = 1.0
+    bn_momentum: float = 0.9
     balance: str = "layout"
     augment: bool = True
     precision: str = "auto"
@@ -470,6 +480,10 @@ class ClassifierConfig(_TrainingConfig):
             raise ConfigError(f"`image_size` must be at least 32x32 for a ResNet. Received: image_size={self.image_size}")
         if not 0 <= self.fine_tune_stages <= 5:
             raise ConfigError(f"`fine_tune_stages` must be within 0..5. Received: fine_tune_stages={self.fine_tune_stages}")
+        if not 0.0 < self.bn_momentum < 1.0:
+            raise ConfigError(f"`bn_momentum` must be within (0, 1). Received: bn_momentum={self.bn_momentum}")
+        if not self.mask_loss_weight >= 0:
+            raise ConfigError(f"`mask_loss_weight` must be >= 0. Received: mask_loss_weight={self.mask_loss_weight}")
         if self.balance not in ("layout", "class_weights", "sampling"):
             raise ConfigError(f"`balance` must be layout, class_weights or sampling. Received: balance={self.balance!r}")
 

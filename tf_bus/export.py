@@ -63,10 +63,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Mod
     except FileNotFoundError:
         raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a train-segmenter or train-classifier run?") from None
     kind = "classifier" if "backbone" in record.get("config", {}) else "segmenter"
-    import tf_bus.models.classifier  # noqa: F401  (registers the custom Keras objects)
-    import tf_bus.models.losses  # noqa: F401
-    import tf_bus.models.metrics  # noqa: F401
-    import tf_bus.models.unet  # noqa: F401
+    import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
 
     for name in ("best.keras", "last.keras"):
         if (run_dir / name).exists():

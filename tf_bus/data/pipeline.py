@@ -102,6 +102,37 @@ def list_classification(root: Path, split: str, *, include_augmented: bool = Tru
     return paths, labels
 
 
+def classification_masks(root: Path, split: str, paths: list[str]) -> tuple[list[str], list[int]]:
+    """Lesion mask paths for images of the classification layout at ``root``, read from the
+    segmentation layout next to it (``tf-bus prepare`` writes both). Offline-balancing
+    copies have no mask: their path is empty and their "known" flag 0.
+
+    Raises:
+        TfBusError: no segmentation layout beside ``root``, or an original image without mask.
+    """
+    seg = root.parent / "segmentation"
+    if not seg.is_dir():
+        raise TfBusError(
+            f"{root}: lesion masks are read from the segmentation layout beside it, and {seg} does not exist. "
+            "Pass the `tf-bus prepare` output folder (or the raw release), or train without the lesion head "
+            "(--mask-loss-weight 0).")
+    masks, known = [], []
+    splits = SPLITS if split == "all" else (split,)
+    for path in paths:
+        p = Path(path)
+        if AUG_MARK in p.stem:
+            masks.append("")
+            known.append(0)
+            continue
+        s = p.parent.parent.name if p.parent.parent.name in splits else split
+        mask = seg / SEGMENTATION_DIRS[s][1] / f"{p.stem}_mask.png"
+        if not mask.is_file():
+            raise TfBusError(f"{p}: no lesion mask {mask}. Re-run `tf-bus prepare`, or pass --mask-loss-weight 0.")
+        masks.append(str(mask))
+        known.append(1)
+    return masks, known
+
+
 def list_segmentation(root: Path, split: str) -> tuple[list[str], list[str]]:
     """Image and mask paths of one split of the segmentation layout, paired by name."""
     _check_split(split)
@@ -303,11 +334,18 @@ def _finish(
     def post(elem, seed):
         image, target, name = elem
         image = tf.cast(image, tf.float32) / 255.0
-        mask = tf.cast(target, tf.float32) if has_mask else None
+        lesion = isinstance(target, tuple)  # classification with masks: (label, mask, known)
+        if has_mask:
+            mask = tf.cast(target, tf.float32)
+        elif lesion:
+            label, mask, known = target
+            mask = tf.cast(mask, tf.float32)
+        else:
+            mask = None
         if augment:
             image, mask = augment_pair(image, mask, seed, aug)
         image = image * factor
-        out_target = mask if has_mask else target
+        out_target = mask if has_mask else (label, mask, tf.cast(known, tf.float32)) if lesion else target
         return (image, out_target, name) if include_names else (image, out_target)
 
     ds = ds.map(post, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic or None)
@@ -338,6 +376,7 @@ def classification_dataset(
     balanced: bool = False,
     include_augmented: bool = True,
     include_names: bool = False,
+    with_masks: bool = False,
 ) -> tf.data.Dataset:
     """A batched, prefetched dataset of ``(image, label)`` for the classifier.
 
@@ -355,6 +394,10 @@ def classification_dataset(
             of ``prepare`` and to class weights.
         include_augmented: keep the offline-balancing copies of a prepared layout.
         include_names: add the file stem as a third element.
+        with_masks: the target is ``(label, mask, known)``: the lesion mask (B, H, W, 1)
+            in {0, 1}, augmented with the image, and ``known`` (B,) 1.0 where the mask
+            exists (0.0 for offline-balancing copies, whose mask is all zero). A
+            classification layout reads masks from the segmentation layout beside it.
 
     Returns:
         ``tf.data.Dataset`` of ``(image (B, H, W, C) float32, label (B,) int32)``.
@@ -366,24 +409,34 @@ def classification_dataset(
     if kind == "classification":
         paths, labels = list_classification(root, split, include_augmented=include_augmented)
     else:
-        paths, _, labels = list_release(root, split, splits_file=splits_file)
+        paths, masks, labels = list_release(root, split, splits_file=splits_file)
     if not paths:
         raise TfBusError(f"{root}: split {split!r} holds no images.")
     names = [_stem_of(p) if kind == "classification" else layout_stem(f"{CLASS_NAMES[l]}/{_stem_of(p)}")
              for p, l in zip(paths, labels)]
+    if with_masks:
+        masks, known = classification_masks(root, split, paths) if kind == "classification" else (masks, [1] * len(paths))
     training = _is_training(split, training)
 
     def files(idx):
         sel = [i for i, l in enumerate(labels) if idx is None or l == idx]
-        ds = tf.data.Dataset.from_tensor_slices((
-            tf.constant([paths[i] for i in sel]), tf.constant([labels[i] for i in sel], tf.int32),
-            tf.constant([names[i] for i in sel])))
+        cols = (tf.constant([paths[i] for i in sel]), tf.constant([labels[i] for i in sel], tf.int32),
+                tf.constant([names[i] for i in sel]))
+        if with_masks:
+            cols += (tf.constant([masks[i] for i in sel]), tf.constant([known[i] for i in sel], tf.int32))
+        ds = tf.data.Dataset.from_tensor_slices(cols)
         if input_context is not None:
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds
 
-    def load(path, label, name):
-        return _resize_image(_decode(tf.io.read_file(path), config.channels), config), label, name
+    def load(path, label, name, mask_paths=None, mask_known=None):
+        image = _resize_image(_decode(tf.io.read_file(path), config.channels), config)
+        if not with_masks:
+            return image, label, name
+        h, w = config.image_size
+        mask = tf.cond(mask_known > 0, lambda: _resize(_read_mask(mask_paths), config, "nearest"),
+                       lambda: tf.zeros((h, w, 1), tf.uint8))
+        return image, (label, mask, mask_known), name
 
     if balanced:
         per_class = []

@@ -86,6 +86,46 @@ class ResNetPreprocess(layers.Layer):
         return x - ops.convert_to_tensor(self.MEAN_BGR, dtype=self.compute_dtype)
 
 
+@keras.saving.register_keras_serializable(package="tf_bus")
+class LesionMaskLoss(layers.Layer):
+    """Adds the lesion head's loss to the model and passes the class probabilities through.
+
+    Inputs: ``[probabilities, mask_logits (B, h, w, 1), mask (B, H, W, 1) in {0, 1},
+    known (B,)]``. The true mask is area-resized to the head's (h, w), giving soft
+    targets; the loss per image is BCE (from logits) + soft Dice, counted only where
+    ``known`` is 1, averaged over the batch and scaled by ``weight``.
+    """
+
+    def __init__(self, weight: float = 1.0, smooth: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+        self.smooth = float(smooth)
+
+    def call(self, probabilities, mask_logits, mask, known):
+        logits = ops.cast(mask_logits, "float32")
+        target = ops.image.resize(ops.cast(mask, "float32"), ops.shape(logits)[1:3], interpolation="area")
+        bce = ops.mean(ops.binary_crossentropy(target, logits, from_logits=True), axis=(1, 2, 3))
+        p = ops.sigmoid(logits)
+        inter = ops.sum(p * target, axis=(1, 2, 3))
+        dice = 1.0 - (2.0 * inter + self.smooth) / (ops.sum(p, axis=(1, 2, 3)) + ops.sum(target, axis=(1, 2, 3))
+                                                     + self.smooth)
+        known = ops.reshape(ops.cast(known, "float32"), (-1,))
+        self.add_loss(self.weight * ops.mean((bce + dice) * known))
+        return probabilities
+
+    def compute_output_spec(self, probabilities, *args):
+        return keras.KerasTensor(probabilities.shape, dtype=probabilities.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight, "smooth": self.smooth}
+
+
+def _stage_outputs(base: keras.Model) -> keras.Model:
+    """The backbone with its conv4 (stride 16) output as a second output, for the lesion head."""
+    conv4 = [l for l in base.layers if l.name.startswith("conv4_") and l.name.endswith("_out")][-1]
+    return keras.Model(base.inputs, [base.output, conv4.output], name="backbone")
+
+
 def build_classifier(
     backbone: str = "resnet50",
     weights: str | os.PathLike | None = None,
@@ -93,6 +133,8 @@ def build_classifier(
     channels: int = 3,
     dropout: float = 0.3,
     num_classes: int = len(CLASS_NAMES),
+    mask_loss_weight: float = 0.0,
+    bn_momentum: float = 0.9,
 ) -> keras.Model:
     """Builds the classifier; see the module docstring.
 
@@ -104,6 +146,17 @@ def build_classifier(
         channels: 1 (grey, replicated inside) or 3.
         dropout: dropout rate before the softmax.
         num_classes: output classes.
+        mask_loss_weight: above 0, the training model of the multi-task variant: a lesion
+            head (conv4 and conv5 features, fused at stride 16, as in a feature pyramid)
+            predicts the lesion mask, and its loss (``LesionMaskLoss``, this weight) joins
+            the classification loss. That model takes a dict ``{"image", "lesion_mask",
+            "mask_known"}`` and outputs the class probabilities; ``inference_model`` gives
+            the image-only classifier (what is saved, evaluated and served).
+        bn_momentum: BatchNormalization momentum of a from-scratch backbone (no
+            ``weights``). keras.applications uses 0.99: with a few dozen steps an epoch
+            its moving statistics lag the weights for epochs, and the inference-mode
+            model predicts one class (what we saw on BUSI). 0.9 is PyTorch's default.
+            Pre-trained backbones keep 0.99 (their BatchNorm stays frozen anyway).
 
     Returns:
         A functional ``keras.Model`` named ``"<backbone>_classifier"`` with the backbone
@@ -124,16 +177,47 @@ def build_classifier(
             f"{_WEIGHT_FILES[backbone]}, or --weights none."
         ) from None
 
+    if resolved is None:
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = bn_momentum
     inputs = keras.Input((*image_size, channels), name="image")
     x = inputs
     if channels == 1:
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
     x = ResNetPreprocess(name="resnet_preprocess")(x)
-    x = base(x)
+    if mask_loss_weight > 0:
+        x, c4 = _stage_outputs(base)(x)
+    else:
+        x = base(x)
+    features = x
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    if mask_loss_weight <= 0:
+        return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    h4, w4 = c4.shape[1], c4.shape[2]
+    top = layers.Conv2D(64, 1, name="lesion_lateral5")(features)
+    top = layers.Resizing(h4, w4, interpolation="bilinear", name="lesion_up5")(top)
+    m = layers.Add(name="lesion_fuse")([layers.Conv2D(64, 1, name="lesion_lateral4")(c4), top])
+    m = layers.Activation("relu", name="lesion_relu")(m)
+    m = layers.Conv2D(64, 3, padding="same", activation="relu", name="lesion_conv")(m)
+    logits = layers.Conv2D(1, 1, dtype="float32", name="lesion_logits")(m)
+    mask_in = keras.Input((*image_size, 1), name="lesion_mask")
+    known_in = keras.Input((), name="mask_known")
+    outputs = LesionMaskLoss(mask_loss_weight, name="lesion_loss")(outputs, logits, mask_in, known_in)
+    return keras.Model({"image": inputs, "lesion_mask": mask_in, "mask_known": known_in}, outputs,
+                       name=f"{backbone}_lesion_classifier")
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The image -> class probabilities classifier of a model from ``build_classifier``:
+    the model itself, or, for the lesion-head training model, the classifier sharing its
+    layers (the lesion head is dropped; it only trains the backbone)."""
+    if not isinstance(model.input, dict):
+        return model
+    backbone = model.name.replace("_lesion_classifier", "")
+    return keras.Model(model.input["image"], model.get_layer("probabilities").output, name=f"{backbone}_classifier")
 
 
 def set_trainable_stages(model: keras.Model, stages: int | None) -> None:

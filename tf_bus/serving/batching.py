@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -88,10 +89,7 @@ class Batcher:
             except queue.Empty:
                 continue
             batch, rows = [first], first.rows
-            deadline = timeout
-            import time
-
-            end = time.monotonic() + deadline
+            end = time.monotonic() + timeout
             while rows < self.settings.max_batch_size:
                 left = end - time.monotonic()
                 if left <= 0:

@@ -142,7 +142,7 @@ class ModelManager:
             self._models[mc.name] = ModelState(mc)
 
     # -------------------------------------------------------------- lifecycle
-    def start(self, wait: bool = True) -> None:
+    def start(self) -> None:
         self.poll_once()
         if self._poll_seconds > 0:
             self._thread = threading.Thread(target=self._poll_loop, name="tf-bus-model-poller", daemon=True)

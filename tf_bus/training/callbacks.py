@@ -2,26 +2,90 @@
 
 from __future__ import annotations
 
+import csv
+import math
+import os
 import time
+from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 
 
+def best_logged(csv_path: str | os.PathLike, monitor: str, mode: str = "max") -> float | None:
+    """The best ``monitor`` value in a CSVLogger file (the epochs a resumed run already
+    trained), or None when there is none."""
+    path = Path(csv_path)
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model when ``monitor`` improves, like ``ModelCheckpoint(save_best_only=True)``,
+    with three differences: it saves ``to_save(model)`` (the image-only classifier of a
+    multi-task training model), it starts from ``initial`` (a resumed run's best so far,
+    so resuming never replaces the best model by a worse one), and it writes a temporary
+    file that is renamed into place (never a half-written ``.keras``)."""
+
+    def __init__(self, path: str | os.PathLike, monitor: str, mode: str = "max", *,
+                 to_save: Callable[[keras.Model], keras.Model] | None = None, initial: float | None = None):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be max or min. Received: mode={mode!r}")
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.to_save = to_save or (lambda m: m)
+        self.best = initial if initial is not None else (-math.inf if mode == "max" else math.inf)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        if (value > self.best) if self.mode == "max" else (value < self.best):
+            self.best = value
+            tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
+            self.to_save(self.model).save(tmp)
+            os.replace(tmp, self.path)
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Stops training after the epoch during which ``minutes`` of wall time have passed.
 
-    The clock starts when ``fit`` starts (a resumed run gets a fresh budget).
+    The clock starts when ``fit`` starts (a resumed run gets a fresh budget). When the
+    optimizer's schedule is a ``BudgetedCosine`` and ``feed_schedule`` is on, the share of
+    the budget spent is written to it before every batch, so the schedule has annealed
+    when the budget runs out. (Off under multiworker: each worker's clock differs, and
+    the learning rate must not.)
     """
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, *, feed_schedule: bool = True):
         super().__init__()
         self.minutes = minutes
+        self.feed_schedule = feed_schedule
         self.start = None
         self.stopped_epoch = None
+        self._progress = None
 
     def on_train_begin(self, logs=None):
+        from tf_bus.models.schedules import BudgetedCosine
+
         self.start = time.monotonic()
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)  # the schedule Keras was given
+        self._progress = (schedule.time_progress if self.minutes and self.feed_schedule
+                          and isinstance(schedule, BudgetedCosine) else None)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._progress is not None:
+            self._progress.assign(min(1.0, (time.monotonic() - self.start) / (60.0 * self.minutes)))
 
     def on_epoch_end(self, epoch, logs=None):
         if self.minutes and (time.monotonic() - self.start) / 60.0 >= self.minutes:

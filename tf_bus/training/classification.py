@@ -26,8 +26,8 @@ import tensorflow as tf
 import tf_bus
 from tf_bus.config import CLASS_NAMES, ClassifierConfig, LoaderConfig
 from tf_bus.io import write_json_atomic
-from tf_bus.models.classifier import build_classifier, set_trainable_stages
-from tf_bus.training.callbacks import TimeBudget
+from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
+from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
 from tf_bus.training.common import check_run_dir, make_optimizer
 from tf_bus.training.precision import set_precision
 
@@ -40,7 +40,22 @@ def loader_config(config: ClassifierConfig, **overrides) -> LoaderConfig:
 
 
 def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
-    return ds.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES))), num_parallel_calls=tf.data.AUTOTUNE)
+    """(image, label) -> (image, one-hot); with masks, (image, (label, mask, known)) ->
+    the lesion-head training model's ({"image", "lesion_mask", "mask_known"}, one-hot)."""
+    def fn(x, y):
+        if isinstance(y, tuple):
+            label, mask, known = y
+            return {"image": x, "lesion_mask": mask, "mask_known": known}, tf.one_hot(label, len(CLASS_NAMES))
+        return x, tf.one_hot(y, len(CLASS_NAMES))
+
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def build_training_model(config: ClassifierConfig) -> keras.Model:
+    """The model `fit` trains for ``config``: the classifier, or with ``mask_loss_weight``
+    the lesion-head training model (see ``build_classifier``)."""
+    return build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout,
+                            mask_loss_weight=config.mask_loss_weight, bn_momentum=config.bn_momentum)
 
 
 @dataclass
@@ -75,13 +90,14 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
     else:
         n_train = len(list_release(root, "train", splits_file=splits_file)[0])
     multiworker = config.strategy == "multiworker"
+    masks = config.mask_loss_weight > 0
     train_ds = _one_hot(classification_dataset(
         data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1,
                                      deterministic=multiworker), training=True,
         splits_file=splits_file,
-        balanced=balance == "sampling", include_augmented=include_aug))
+        balanced=balance == "sampling", include_augmented=include_aug, with_masks=masks))
     val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config, deterministic=multiworker),
-                                             training=False, splits_file=splits_file))
+                                             training=False, splits_file=splits_file, with_masks=masks))
     if multiworker:
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     weights = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
@@ -138,7 +154,7 @@ def train_classifier(
     keras.utils.set_random_seed(config.seed)
     # Built before any data is read, so a bad --weights fails fast.
     with strategy.scope():
-        model = build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout)
+        model = build_training_model(config)
 
     data_ = classifier_data(data, config, splits_file, replicas=strategy.num_replicas_in_sync)
     train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
@@ -149,7 +165,7 @@ def train_classifier(
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
 
-    budget = TimeBudget(config.time_budget_minutes)
+    budget = TimeBudget(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
     logs = run_dir / "logs"
     # The diagnostics' probe batch (under multiworker: this worker's rows of the first batch).
     sample = next(iter(val_ds)) if config.diagnostics else None
@@ -157,8 +173,9 @@ def train_classifier(
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         cbs = [
             backup_and_restore(run_dir / backup, config.strategy),
-            keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_f1", mode="max",
-                                            save_best_only=True),
+            # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
+            BestCheckpoint(run_dir / "best.keras", "val_f1", "max", to_save=inference_model,
+                           initial=best_logged(run_dir / "history.csv", "val_f1")),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
             budget,
@@ -206,7 +223,7 @@ def train_classifier(
                               callbacks=callbacks("backup"), **fit_kw)
                 for k, v in h.history.items():
                     history.setdefault(k, []).extend(float(x) for x in v)
-        model.save(run_dir / "last.keras")
+        inference_model(model).save(run_dir / "last.keras")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     wall = time.perf_counter() - t0

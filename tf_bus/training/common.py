@@ -9,23 +9,18 @@ from typing import Any
 import keras
 
 from tf_bus.data.busi import TfBusError
+from tf_bus.models.schedules import BudgetedCosine
 
 
 def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epochs: int,
                    steps_per_epoch: int, weight_decay: float) -> keras.optimizers.Optimizer:
     """AdamW (Adam when ``weight_decay`` is 0) with a ``cosine`` (linear warm-up, then
-    cosine decay to 1%), or a constant learning rate (``plateau``/``constant``: the
+    cosine decay to 1%, by steps or by the time budget, whichever is further: see
+    ``BudgetedCosine``), or a constant learning rate (``plateau``/``constant``: the
     ReduceLROnPlateau callback does the rest)."""
     lr: Any = learning_rate
     if schedule == "cosine":
-        warmup = warmup_epochs * steps_per_epoch
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=learning_rate * 0.01 if warmup else learning_rate,
-            decay_steps=max(1, epochs * steps_per_epoch - warmup),
-            alpha=0.01,
-            warmup_target=learning_rate if warmup else None,
-            warmup_steps=warmup,
-        )
+        lr = BudgetedCosine(learning_rate, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     if weight_decay > 0:
         return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
     return keras.optimizers.Adam(learning_rate=lr)

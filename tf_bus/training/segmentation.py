@@ -31,7 +31,7 @@ from tf_bus.io import write_json_atomic
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
-from tf_bus.training.callbacks import MaskOverlays, TimeBudget
+from tf_bus.training.callbacks import BestCheckpoint, MaskOverlays, TimeBudget, best_logged
 from tf_bus.training.common import check_run_dir, make_optimizer
 from tf_bus.training.precision import set_precision
 
@@ -115,11 +115,11 @@ def train_segmenter(
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
     logs = run_dir / "logs"
-    budget = TimeBudget(config.time_budget_minutes)
+    budget = TimeBudget(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
     callbacks: list[keras.callbacks.Callback] = [
         backup_and_restore(run_dir / "backup", config.strategy),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_dice", mode="max",
-                                        save_best_only=True),
+        BestCheckpoint(run_dir / "best.keras", "val_dice", "max",
+                       initial=best_logged(run_dir / "history.csv", "val_dice") if resuming else None),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
                                     update_freq="epoch"),

@@ -66,8 +66,8 @@ def _tuner_role() -> str:
 def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str | os.PathLike | None):
     import keras_tuner
 
-    from tf_bus.models.classifier import build_classifier, set_trainable_stages
-    from tf_bus.training.classification import classifier_data, compile_classifier
+    from tf_bus.models.classifier import set_trainable_stages
+    from tf_bus.training.classification import build_training_model, classifier_data, compile_classifier
 
     class ClassifierHyperModel(keras_tuner.HyperModel):
         """Builds and trains one classifier per trial (see the module docstring)."""
@@ -86,8 +86,7 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
 
         def build(self, hp):
             config = self.config_for(hp)
-            model = build_classifier(config.backbone, config.weights, config.image_size, config.channels,
-                                     config.dropout)
+            model = build_training_model(config)
             set_trainable_stages(model, config.fine_tune_stages if config.weights else None)
             # The schedule needs steps per epoch; `fit` recompiles with the real count.
             compile_classifier(model, config, config.learning_rate, config.epochs, 1)

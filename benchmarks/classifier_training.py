@@ -1,0 +1,90 @@
+"""ResNet50/101 classifier training throughput and FLOP utilisation, float32 against mixed_bfloat16.
+
+In one process, for every backbone and precision: the matmul peak of that precision
+(the best of several large ``tf.matmul`` runs), then ``model.fit`` steps of the
+classifier from scratch (every layer trains, as with ``--weights none``) on in-memory
+images. Model FLOPs are counted analytically from the convolutions (multiply-add = 2
+FLOPs; a training step = 3x the forward pass). Prints JSON.
+
+Where the CPU has no native bf16 (no AVX512_BF16/AMX: ``native_bf16`` false in the
+output), TensorFlow emulates bfloat16 and ``mixed_bfloat16`` is expected to be slower;
+that is what ``--precision auto`` avoids.
+
+    python benchmarks/classifier_training.py [--size 224] [--backbones resnet50,resnet101]
+        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
+
+
+def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str) -> tuple[float, float, int]:
+    """(training images/s, forward FLOPs per image, parameters) of one backbone at one precision."""
+    import keras
+
+    from tf_bus.models.classifier import build_classifier, set_trainable_stages
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = build_classifier(backbone, None, (size, size), channels=1)
+        set_trainable_stages(model, None)
+        model.compile(optimizer="adamw", loss="categorical_crossentropy", jit_compile=False)
+        rng = np.random.default_rng(0)
+        x = (rng.random((batch * steps, size, size, 1)) * 255).astype(np.float32)
+        y = keras.utils.to_categorical(rng.integers(0, 3, batch * steps), 3)
+        model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)  # trace
+        t = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+        rate = batch * steps / (time.perf_counter() - t)
+        return rate, conv_flops(model), model.count_params()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=224, help="square input side in pixels (default: 224)")
+    ap.add_argument("--backbones", default="resnet50,resnet101", help="comma list of resnet50,resnet101 (default: both)")
+    ap.add_argument("--precisions", default="float32,mixed_bfloat16",
+                    help="comma list of float32,mixed_bfloat16 (default: both)")
+    ap.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per backbone and precision (default: 3)")
+    args = ap.parse_args()
+
+    import tensorflow as tf
+
+    from tf_bus.training.precision import cpu_has_native_bf16
+
+    out = {"benchmark": "classifier_training", "size": args.size, "batch": args.batch, "steps": args.steps,
+           "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "native_bf16": cpu_has_native_bf16(),
+           "matmul_peak_gflop_per_s": {}, "results": {}}
+    for precision in args.precisions.split(","):
+        peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
+        out["matmul_peak_gflop_per_s"][precision] = round(peak / 1e9, 1)
+        for backbone in args.backbones.split(","):
+            rate, flops, params = train_rate(backbone, args.size, args.batch, args.steps, precision)
+            achieved = rate * 3.0 * flops
+            out["results"].setdefault(backbone, {})[precision] = {
+                "train_images_per_s": round(rate, 3),
+                "forward_gflops_per_image": round(flops / 1e9, 3),
+                "parameters": params,
+                "achieved_gflop_per_s": round(achieved / 1e9, 2),
+                "utilisation_of_peak": round(achieved / peak, 3),
+            }
+    for backbone, res in out["results"].items():
+        if "float32" in res and "mixed_bfloat16" in res:
+            res["bf16_speedup"] = round(res["mixed_bfloat16"]["train_images_per_s"] / res["float32"]["train_images_per_s"], 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""What the training benchmarks share: analytic convolution FLOPs and the matmul peak."""
+
+from __future__ import annotations
+
+import time
+
+
+def conv_flops(model) -> float:
+    """Forward FLOPs of one image through the model's (transposed) convolutions, nested
+    models (a ResNet backbone) included; multiply-add = 2 FLOPs."""
+    import keras
+
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += conv_flops(layer)
+        elif isinstance(layer, keras.layers.Conv2DTranspose):
+            _, h, w, cin = layer.input.shape
+            kh, kw = layer.kernel_size
+            total += 2.0 * h * w * kh * kw * cin * layer.filters
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            cin = layer.input.shape[-1]
+            kh, kw = layer.kernel_size
+            total += 2.0 * h * w * kh * kw * cin * cout
+    return total
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """The best FLOP/s of ``repeats`` (n x n) @ (n x n) matmuls in float32 or bfloat16."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    b = tf.random.uniform((n, n), dtype=tf.float32)
+    if dtype == "bfloat16":
+        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+    f = tf.function(lambda x, y: tf.matmul(x, y))
+    f(a, b).numpy()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).numpy()
+        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t))
+    return best

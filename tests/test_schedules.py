@@ -1,0 +1,87 @@
+"""The budget-aware cosine schedule, the clock that feeds it, and the resumable best checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from tf_bus.models.schedules import BudgetedCosine
+from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
+from tf_bus.training.common import make_optimizer
+
+PEAK = 1e-3
+
+
+@pytest.mark.parametrize("warmup,steps", [(0, 0), (0, 37), (0, 100), (10, 0), (10, 5), (10, 10), (10, 55), (10, 100),
+                                          (10, 250)])
+def test_step_driven_is_keras_cosine_decay(warmup, steps):
+    ref = keras.optimizers.schedules.CosineDecay(
+        PEAK * 0.01 if warmup else PEAK, 100 - warmup, alpha=0.01,
+        warmup_target=PEAK if warmup else None, warmup_steps=warmup)
+    np.testing.assert_allclose(float(BudgetedCosine(PEAK, warmup, 100)(steps)), float(ref(steps)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("time_progress,step,expected", [
+    (0.0, 55, PEAK * (0.01 + 0.99 * 0.5)),   # steps lead: half-way through the decay
+    (0.55, 0, PEAK * (0.01 + 0.99 * 0.5)),   # the clock leads, past the warm-up: same point
+    (0.55, 80, PEAK * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 70 / 90)))),  # steps lead again
+    (1.0, 3, PEAK * 0.01),                   # budget spent: the minimum
+    (0.05, 5, PEAK * (0.01 + 0.99 * 0.5)),   # inside the warm-up both ways: linear warm-up by steps
+])
+def test_the_further_progress_drives_the_schedule(time_progress, step, expected):
+    schedule = BudgetedCosine(PEAK, 10, 100)
+    schedule.time_progress.assign(time_progress)
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5)
+
+
+def _tiny_fit(minutes, feed=True, epochs=1):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(make_optimizer(PEAK, "cosine", 0, 1000, 10, 0.0), "mse")
+    budget = TimeBudget(minutes, feed_schedule=feed)
+    x = np.ones((40, 3), np.float32)
+    model.fit(x, x[:, :1], batch_size=4, epochs=epochs, verbose=0, callbacks=[budget])
+    return model, budget
+
+
+@pytest.mark.parametrize("minutes,feed,expect_min", [(1e-9, True, True), (1e-9, False, False), (0, True, False)])
+def test_time_budget_feeds_the_schedule(minutes, feed, expect_min):
+    model, budget = _tiny_fit(minutes, feed, epochs=3)
+    lr = float(model.optimizer.learning_rate)  # after 10 of 10,000 steps
+    assert math.isclose(lr, PEAK * 0.01, rel_tol=1e-4) == expect_min, lr
+    assert (budget.stopped_epoch == 0) == bool(minutes)  # a spent budget stops after the first epoch
+
+
+@pytest.mark.parametrize("rows,mode,expected", [
+    ("epoch,val_f1\n0,0.5\n1,0.7\n2,0.6\n", "max", 0.7),
+    ("epoch,val_f1\n0,0.5\n1,0.7\n2,0.6\n", "min", 0.5),
+    ("epoch,val_f1\n0,nan\n1,0.4\n", "max", 0.4),
+    ("epoch,val_f1\n", "max", None),
+    (None, "max", None),
+])
+def test_best_logged(tmp_path, rows, mode, expected):
+    path = tmp_path / "history.csv"
+    if rows is not None:
+        path.write_text(rows)
+    assert best_logged(path, "val_f1", mode) == expected
+
+
+def test_best_checkpoint_starts_from_the_resumed_best_and_saves_what_it_is_told(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    path = tmp_path / "best.keras"
+    saved = []
+    cb = BestCheckpoint(path, "val_f1", "max", initial=0.7,
+                        to_save=lambda m: saved.append(m) or keras.Sequential([keras.Input((3,)), m.get_layer("d")]))
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"val_f1": 0.6})  # worse than the resumed run's best: untouched
+    assert not path.exists() and not saved
+    cb.on_epoch_end(1, {"val_f1": float("nan")})
+    assert not path.exists()
+    cb.on_epoch_end(2, {"val_f1": 0.8})
+    assert path.is_file() and cb.best == 0.8 and saved == [model]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]  # the temporary file was renamed
+    assert keras.saving.load_model(path).output_shape == (None, 2)
+    with pytest.raises(ValueError, match="mode"):
+        BestCheckpoint(path, "val_f1", "best")
