@@ -132,3 +132,34 @@ def test_lesion_head_training_model_and_its_classifier(tmp_path):
     again = keras.saving.load_model(tmp_path / "clf.keras")
     np.testing.assert_allclose(again.predict(x["image"], verbose=0), clf.predict(x["image"], verbose=0), atol=1e-6)
     assert inference_model(clf) is clf
+
+
+def test_lesion_attention_pool_by_hand():
+    from tf_bus.models.classifier import LesionAttentionPool
+
+    f = np.array([[[[1.0, 10.0], [2.0, 20.0]], [[3.0, 30.0], [4.0, 40.0]]]], np.float32)  # (1, 2, 2, 2)
+    logits = np.array([0.0, 3.0, -2.0, -50.0], np.float32).reshape(1, 2, 2, 1)
+    p = 1 / (1 + np.exp(-logits.reshape(-1)))
+    feats = f.reshape(4, 2)
+    layer = LesionAttentionPool(smooth=1.0)
+    out = np.asarray(layer(f, logits))
+    want = np.concatenate([(feats * p[:, None]).sum(0) / (p.sum() + 1.0), [p.max()]])
+    np.testing.assert_allclose(out[0], want, rtol=1e-5)
+    # No lesion anywhere: the pooled features fade to 0 and the presence is 0.
+    np.testing.assert_allclose(np.asarray(layer(f, np.full((1, 2, 2, 1), -50.0, np.float32))), 0.0, atol=1e-6)
+    assert LesionAttentionPool.from_config(layer.get_config()).smooth == 1.0
+
+
+def test_lesion_pooling_classifier_keeps_the_lesion_head_when_served(tmp_path):
+    from tf_bus.models.classifier import inference_model
+
+    model = build_classifier("resnet50", None, image_size=(64, 64), channels=1, mask_loss_weight=1.0,
+                             lesion_pooling=True)
+    assert model.get_layer("pool_concat").output.shape == (None, 2048 + 1024 + 1)
+    clf = inference_model(model)
+    assert clf.input_shape == (None, 64, 64, 1) and clf.output_shape == (None, 3)
+    assert {"lesion_logits", "lesion_pool"} <= {l.name for l in clf.layers}
+    x = np.random.default_rng(1).random((2, 64, 64, 1), np.float32) * 255
+    clf.save(tmp_path / "clf.keras")
+    again = keras.saving.load_model(tmp_path / "clf.keras")
+    np.testing.assert_allclose(again.predict(x, verbose=0), clf.predict(x, verbose=0), atol=1e-6)

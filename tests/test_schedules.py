@@ -54,6 +54,26 @@ def test_time_budget_feeds_the_schedule(minutes, feed, expect_min):
     assert (budget.stopped_epoch == 0) == bool(minutes)  # a spent budget stops after the first epoch
 
 
+def test_one_budget_spans_both_phases_and_each_phase_anneals_over_what_is_left():
+    """The classifier's head and fine-tuning phases are two ``fit`` calls sharing one
+    TimeBudget: the clock does not restart, and the second schedule is fed the share of
+    the budget left when it started."""
+    budget = TimeBudget(10.0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    x = np.ones((8, 3), np.float32)
+    for phase in range(2):
+        model.compile(make_optimizer(PEAK, "cosine", 0, 1000, 10, 0.0), "mse")
+        model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0, callbacks=[budget])
+        if phase == 0:
+            first_start = budget.start
+            budget.start -= 6 * 60.0  # pretend the head phase took 6 of the 10 minutes
+    assert budget.start == first_start - 360.0  # the second fit kept the clock
+    assert 5.9 < budget.elapsed_minutes() < 6.5 and budget.stopped_epoch is None
+    assert 225.0 < budget._fit_seconds <= 240.0  # phase 2 anneals over the 4 minutes left
+    progress = float(model.optimizer._learning_rate.time_progress)
+    assert 0.0 <= progress < 0.05, progress  # its own schedule starts near the top, not at 60%
+
+
 @pytest.mark.parametrize("rows,mode,expected", [
     ("epoch,val_f1\n0,0.5\n1,0.7\n2,0.6\n", "max", 0.7),
     ("epoch,val_f1\n0,0.5\n1,0.7\n2,0.6\n", "min", 0.5),

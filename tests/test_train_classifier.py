@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 from tf_bus.config import ClassifierConfig, ConfigError
@@ -47,6 +48,26 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
     assert sum(map(sum, result["confusion_matrix"])) == result["n"]
     for png in ("confusion_matrix.png", "roc.png"):
         assert (run / "eval_test" / png).read_bytes()[:4] == b"\x89PNG"
+    # --tta --checkpoint last: the mean of each image's and its mirror's probabilities, from last.keras.
+    from tf_bus.data.pipeline import classification_dataset
+    from tf_bus.evaluation import evaluate_classifier
+    from tf_bus.training.classification import loader_config
+
+    tta = evaluate_classifier(run, prepared, "test", tta=True, checkpoint="last")
+    assert tta["settings"]["tta"] and tta["settings"]["model"].endswith("last.keras")
+    last = keras.saving.load_model(run / "last.keras")
+    cfg = ClassifierConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+    ds = classification_dataset(prepared, "test", loader_config(cfg, shuffle=False, augment=False, cache=False),
+                                training=False, include_augmented=False, include_names=True)
+    batches = list(ds)
+    x = np.concatenate([b[0].numpy() for b in batches])
+    names = [n.decode() for b in batches for n in b[2].numpy()]
+    expected = dict(zip(names, (last.predict(x, verbose=0) + last.predict(x[:, :, ::-1], verbose=0)) / 2))
+    assert sorted(expected) == sorted(r["name"] for r in tta["per_image"])
+    for r in tta["per_image"]:
+        np.testing.assert_allclose(r["probabilities"], expected[r["name"]], atol=1e-5, err_msg=r["name"])
+    with pytest.raises(TfBusError, match="checkpoint"):
+        evaluate_classifier(run, prepared, "test", checkpoint="first")
 
 
 def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
@@ -61,6 +82,8 @@ def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
     assert (run / "head.weights.h5").is_file()
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1], "the fine-tuning phase continues the epoch count"
+    # best.keras follows the validation cross-entropy (the default --monitor), logged as val_ce.
+    assert summary["monitor"] == "val_ce" and summary["best_val_ce"] == pytest.approx(min(float(r["val_ce"]) for r in rows))
     # The lesion head's BCE + Dice is in the loss: well above the label-smoothed cross-entropy alone.
     assert all(float(r["loss"]) > 1.5 for r in rows), rows
     for name in ("best.keras", "last.keras"):  # only the image -> probabilities classifier is saved
@@ -78,7 +101,9 @@ def test_bad_weights_fail_before_any_training(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,field", [(dict(backbone="vgg16"), "backbone"), (dict(image_size=(16, 16)), "image_size"),
-                                          (dict(fine_tune_stages=7), "fine_tune_stages"), (dict(balance="x"), "balance")])
+                                          (dict(fine_tune_stages=7), "fine_tune_stages"), (dict(balance="x"), "balance"),
+                                          (dict(monitor="val_accuracy"), "monitor"),
+                                          (dict(mask_loss_weight=0.0, lesion_pooling=True), "lesion_pooling")])
 def test_bad_classifier_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         ClassifierConfig(**kwargs)

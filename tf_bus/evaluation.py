@@ -373,13 +373,21 @@ def _classification_plots(y_true, prob, result, out_dir) -> None:
     save_png(fig, out_dir / "roc.png")
 
 
-def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None) -> dict[str, Any]:
-    """Evaluates RUN_DIR's best classifier on ``split`` (original images only, no
-    balancing copies); writes ``RUN_DIR/eval_<split>/metrics.json``,
-    ``confusion_matrix.png`` and ``roc.png``."""
+def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None, tta: bool = False,
+                        checkpoint: str = "best") -> dict[str, Any]:
+    """Evaluates RUN_DIR's classifier on ``split`` (original images only, no balancing
+    copies); writes ``RUN_DIR/eval_<split>/metrics.json``, ``confusion_matrix.png`` and
+    ``roc.png``.
+
+    Args:
+        tta: average the probabilities of each image and its left-right mirror image.
+        checkpoint: ``best`` (the run's best ``monitor`` epoch; ``last.keras`` if there is none) or
+            ``last`` (the weights at the end of training).
+    """
     import json
 
     import keras
+    import tensorflow as tf
 
     from tf_bus.config import ClassifierConfig
     from tf_bus.data.busi import TfBusError
@@ -393,20 +401,26 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None)
     except FileNotFoundError:
         raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a `tf-bus train-classifier` run?") from None
     cfg = ClassifierConfig.from_dict(record["config"])
-    path = run_dir / "best.keras" if (run_dir / "best.keras").exists() else run_dir / "last.keras"
+    if checkpoint not in ("best", "last"):
+        raise TfBusError(f"`checkpoint` must be best or last. Received: checkpoint={checkpoint!r}")
+    path = run_dir / "best.keras" if checkpoint == "best" and (run_dir / "best.keras").exists() else run_dir / "last.keras"
     if not path.exists():
-        raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first (tf-bus train-classifier).")
+        raise TfBusError(f"{run_dir}: no {'best.keras or ' if checkpoint == 'best' else ''}last.keras; "
+                         "train first (tf-bus train-classifier), or let the run finish.")
     model = keras.saving.load_model(path)
     ds = classification_dataset(data, split, loader_config(cfg, shuffle=False, augment=False, cache=False),
                                 training=False, include_augmented=False, include_names=True, splits_file=splits_file)
     ys, probs, names = [], [], []
     for x, y, n in ds:
-        probs.append(np.asarray(model.predict_on_batch(x), np.float64))
+        prob = np.asarray(model.predict_on_batch(x), np.float64)
+        if tta:
+            prob = (prob + np.asarray(model.predict_on_batch(tf.reverse(x, [2])), np.float64)) / 2.0
+        probs.append(prob)
         ys.append(y.numpy())
         names += [s.decode() for s in n.numpy()]
     y_true, prob = np.concatenate(ys), np.concatenate(probs)
     result = classification_metrics(y_true, prob)
-    result["settings"] = {"split": split, "data": str(data), "model": str(path)}
+    result["settings"] = {"split": split, "data": str(data), "model": str(path), "checkpoint": checkpoint, "tta": tta}
     result["per_image"] = [{"name": nm, "label": int(t), "probabilities": [round(float(v), 6) for v in pr]}
                            for nm, t, pr in zip(names, y_true, prob)]
     out_dir = run_dir / f"eval_{split}"

@@ -120,6 +120,36 @@ class LesionMaskLoss(layers.Layer):
         return {**super().get_config(), "weight": self.weight, "smooth": self.smooth}
 
 
+@keras.saving.register_keras_serializable(package="tf_bus")
+class LesionAttentionPool(layers.Layer):
+    """Pools features under the predicted lesion: mask-guided attention pooling.
+
+    Inputs: ``[features (B, h, w, C), mask_logits (B, h, w, 1)]`` at the same stride.
+    Output (B, C + 1): the features averaged with the lesion probability ``p`` as weights,
+    ``sum(f * p) / (sum(p) + smooth)`` (``smooth`` in pixels: where the head sees no lesion
+    the pooled vector fades to 0, itself a sign of a normal image), and the lesion presence
+    ``max(p)``. Global average pooling dilutes a small lesion over the whole image; this
+    keeps the lesion's own features for benign versus malignant.
+    """
+
+    def __init__(self, smooth: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.smooth = float(smooth)
+
+    def call(self, features, mask_logits):
+        p = ops.sigmoid(ops.cast(mask_logits, "float32"))
+        f = ops.cast(features, "float32")
+        pooled = ops.sum(f * p, axis=(1, 2)) / (ops.sum(p, axis=(1, 2)) + self.smooth)
+        presence = ops.max(p, axis=(1, 2))
+        return ops.cast(ops.concatenate([pooled, presence], axis=-1), self.compute_dtype)
+
+    def compute_output_shape(self, features_shape, mask_logits_shape):
+        return (features_shape[0], features_shape[-1] + 1)
+
+    def get_config(self):
+        return {**super().get_config(), "smooth": self.smooth}
+
+
 def _stage_outputs(base: keras.Model) -> keras.Model:
     """The backbone with its conv4 (stride 16) output as a second output, for the lesion head."""
     conv4 = [l for l in base.layers if l.name.startswith("conv4_") and l.name.endswith("_out")][-1]
@@ -135,6 +165,7 @@ def build_classifier(
     num_classes: int = len(CLASS_NAMES),
     mask_loss_weight: float = 0.0,
     bn_momentum: float = 0.9,
+    lesion_pooling: bool = False,
 ) -> keras.Model:
     """Builds the classifier; see the module docstring.
 
@@ -152,6 +183,10 @@ def build_classifier(
             the classification loss. That model takes a dict ``{"image", "lesion_mask",
             "mask_known"}`` and outputs the class probabilities; ``inference_model`` gives
             the image-only classifier (what is saved, evaluated and served).
+        lesion_pooling: with the lesion head, the class head also sees the conv4
+            features pooled under the predicted lesion and the lesion presence
+            (``LesionAttentionPool``), next to the global average of conv5; the served
+            classifier then runs the lesion head too.
         bn_momentum: BatchNormalization momentum of a from-scratch backbone (no
             ``weights``). keras.applications uses 0.99: with a few dozen steps an epoch
             its moving statistics lag the weights for epochs, and the inference-mode
@@ -191,18 +226,22 @@ def build_classifier(
     else:
         x = base(x)
     features = x
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(dropout, name="head_dropout")(x)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(features)
+    if mask_loss_weight > 0:
+        h4, w4 = c4.shape[1], c4.shape[2]
+        top = layers.Conv2D(64, 1, name="lesion_lateral5")(features)
+        top = layers.Resizing(h4, w4, interpolation="bilinear", name="lesion_up5")(top)
+        m = layers.Add(name="lesion_fuse")([layers.Conv2D(64, 1, name="lesion_lateral4")(c4), top])
+        m = layers.Activation("relu", name="lesion_relu")(m)
+        m = layers.Conv2D(64, 3, padding="same", activation="relu", name="lesion_conv")(m)
+        logits = layers.Conv2D(1, 1, dtype="float32", name="lesion_logits")(m)
+        if lesion_pooling:
+            lesion = LesionAttentionPool(name="lesion_pool")(c4, logits)
+            pooled = layers.Concatenate(name="pool_concat")([pooled, lesion])
+    x = layers.Dropout(dropout, name="head_dropout")(pooled)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     if mask_loss_weight <= 0:
         return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
-    h4, w4 = c4.shape[1], c4.shape[2]
-    top = layers.Conv2D(64, 1, name="lesion_lateral5")(features)
-    top = layers.Resizing(h4, w4, interpolation="bilinear", name="lesion_up5")(top)
-    m = layers.Add(name="lesion_fuse")([layers.Conv2D(64, 1, name="lesion_lateral4")(c4), top])
-    m = layers.Activation("relu", name="lesion_relu")(m)
-    m = layers.Conv2D(64, 3, padding="same", activation="relu", name="lesion_conv")(m)
-    logits = layers.Conv2D(1, 1, dtype="float32", name="lesion_logits")(m)
     mask_in = keras.Input((*image_size, 1), name="lesion_mask")
     known_in = keras.Input((), name="mask_known")
     outputs = LesionMaskLoss(mask_loss_weight, name="lesion_loss")(outputs, logits, mask_in, known_in)
@@ -213,7 +252,7 @@ def build_classifier(
 def inference_model(model: keras.Model) -> keras.Model:
     """The image -> class probabilities classifier of a model from ``build_classifier``:
     the model itself, or, for the lesion-head training model, the classifier sharing its
-    layers (the lesion head is dropped; it only trains the backbone)."""
+    layers (the lesion head is dropped unless ``lesion_pooling`` feeds the class head)."""
     if not isinstance(model.input, dict):
         return model
     backbone = model.name.replace("_lesion_classifier", "")

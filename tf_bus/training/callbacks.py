@@ -60,11 +60,13 @@ class BestCheckpoint(keras.callbacks.Callback):
 class TimeBudget(keras.callbacks.Callback):
     """Stops training after the epoch during which ``minutes`` of wall time have passed.
 
-    The clock starts when ``fit`` starts (a resumed run gets a fresh budget). When the
-    optimizer's schedule is a ``BudgetedCosine`` and ``feed_schedule`` is on, the share of
-    the budget spent is written to it before every batch, so the schedule has annealed
-    when the budget runs out. (Off under multiworker: each worker's clock differs, and
-    the learning rate must not.)
+    The clock starts when the first ``fit`` using this callback starts and runs on over
+    later ``fit`` calls (the classifier's head and fine-tuning phases share one budget); a
+    resumed run gets a fresh budget. When the optimizer's schedule is a ``BudgetedCosine``
+    and ``feed_schedule`` is on, the share of this ``fit``'s part of the budget (what was
+    left when it started) is written to it before every batch, so each phase's schedule
+    has annealed when the budget runs out. (Off under multiworker: each worker's clock
+    differs, and the learning rate must not; see ``for_config``.)
     """
 
     def __init__(self, minutes: float, *, feed_schedule: bool = True):
@@ -74,21 +76,35 @@ class TimeBudget(keras.callbacks.Callback):
         self.start = None
         self.stopped_epoch = None
         self._progress = None
+        self._fit_start = None
+        self._fit_seconds = None
+
+    @classmethod
+    def for_config(cls, config) -> "TimeBudget":
+        """The budget of a training config (``time_budget_minutes``, ``strategy``)."""
+        return cls(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
+
+    def elapsed_minutes(self) -> float:
+        return 0.0 if self.start is None else (time.monotonic() - self.start) / 60.0
 
     def on_train_begin(self, logs=None):
         from tf_bus.models.schedules import BudgetedCosine
 
-        self.start = time.monotonic()
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        self._fit_start = now
+        self._fit_seconds = max(1e-6, 60.0 * self.minutes - (now - self.start))
         schedule = getattr(self.model.optimizer, "_learning_rate", None)  # the schedule Keras was given
         self._progress = (schedule.time_progress if self.minutes and self.feed_schedule
                           and isinstance(schedule, BudgetedCosine) else None)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._progress is not None:
-            self._progress.assign(min(1.0, (time.monotonic() - self.start) / (60.0 * self.minutes)))
+            self._progress.assign(min(1.0, (time.monotonic() - self._fit_start) / self._fit_seconds))
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.minutes and (time.monotonic() - self.start) / 60.0 >= self.minutes:
+        if self.minutes and self.elapsed_minutes() >= self.minutes:
             self.stopped_epoch = epoch
             self.model.stop_training = True
             print(f"\nTimeBudget: {self.minutes:g} min reached after epoch {epoch + 1}; stopping.")

@@ -5,8 +5,8 @@ Keras fine-tuning guide does it: the head alone for ``head_epochs`` with the bac
 frozen, then the top ``fine_tune_stages`` residual stages at ``fine_tune_learning_rate``
 (BatchNorm stays frozen). From scratch, every layer trains from the start.
 
-RUN_DIR holds the same files as a segmenter run (config.json, best.keras on validation
-macro-F1, last.keras, history.csv/json, logs/, backup/ while unfinished) plus
+RUN_DIR holds the same files as a segmenter run (config.json, best.keras on the validation
+cross-entropy or macro-F1 (``monitor``), last.keras, history.csv/json, logs/, backup/ while unfinished) plus
 ``head.weights.h5`` once the head phase is done, so a resumed run skips it.
 """
 
@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 import tf_bus
-from tf_bus.config import CLASS_NAMES, ClassifierConfig, LoaderConfig
+from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, LoaderConfig
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
@@ -55,7 +55,8 @@ def build_training_model(config: ClassifierConfig) -> keras.Model:
     """The model `fit` trains for ``config``: the classifier, or with ``mask_loss_weight``
     the lesion-head training model (see ``build_classifier``)."""
     return build_classifier(config.backbone, config.weights, config.image_size, config.channels, config.dropout,
-                            mask_loss_weight=config.mask_loss_weight, bn_momentum=config.bn_momentum)
+                            mask_loss_weight=config.mask_loss_weight, bn_momentum=config.bn_momentum,
+                            lesion_pooling=config.lesion_pooling)
 
 
 @dataclass
@@ -109,6 +110,7 @@ def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, 
         optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.CategoricalCrossentropy(name="ce"),
                  keras.metrics.F1Score(average="macro", name="f1"),
                  keras.metrics.AUC(multi_label=True, num_labels=len(CLASS_NAMES), name="auc")],
         jit_compile=False,
@@ -165,17 +167,19 @@ def train_classifier(
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
 
-    budget = TimeBudget(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
+    budget = TimeBudget.for_config(config)
     logs = run_dir / "logs"
     # The diagnostics' probe batch (under multiworker: this worker's rows of the first batch).
     sample = next(iter(val_ds)) if config.diagnostics else None
+
+    mode = CLASSIFIER_MONITORS[config.monitor]
 
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         cbs = [
             backup_and_restore(run_dir / backup, config.strategy),
             # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
-            BestCheckpoint(run_dir / "best.keras", "val_f1", "max", to_save=inference_model,
-                           initial=best_logged(run_dir / "history.csv", "val_f1")),
+            BestCheckpoint(run_dir / "best.keras", config.monitor, mode, to_save=inference_model,
+                           initial=best_logged(run_dir / "history.csv", config.monitor, mode)),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
             budget,
@@ -185,7 +189,7 @@ def train_classifier(
 
             cbs.append(TrainingDiagnostics(run_dir, sample))
         if config.early_stopping_patience:
-            cbs.append(keras.callbacks.EarlyStopping(monitor="val_f1", mode="max",
+            cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
                                                      patience=config.early_stopping_patience))
         if config.schedule == "plateau":
             cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3))
@@ -229,6 +233,8 @@ def train_classifier(
     wall = time.perf_counter() - t0
     epochs_run = len(history.get("loss", []))
     summary = {
+        "monitor": config.monitor,
+        "best_val_ce": min(history["val_ce"]) if history.get("val_ce") else None,
         "best_val_f1": max(history["val_f1"]) if history.get("val_f1") else None,
         "best_val_accuracy": max(history["val_accuracy"]) if history.get("val_accuracy") else None,
         "epochs_run_in_this_fit": epochs_run,

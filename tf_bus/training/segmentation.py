@@ -115,11 +115,11 @@ def train_segmenter(
         "keras_version": keras.__version__, "parameters": model.count_params(),
     })
     logs = run_dir / "logs"
-    budget = TimeBudget(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
+    budget = TimeBudget.for_config(config)
     callbacks: list[keras.callbacks.Callback] = [
         backup_and_restore(run_dir / "backup", config.strategy),
         BestCheckpoint(run_dir / "best.keras", "val_dice", "max",
-                       initial=best_logged(run_dir / "history.csv", "val_dice") if resuming else None),
+                       initial=best_logged(run_dir / "history.csv", "val_dice")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
                                     update_freq="epoch"),
