@@ -46,6 +46,42 @@ def _tiny_fit(minutes, feed=True, epochs=1):
     return model, budget
 
 
+def test_one_schedule_graph_per_trace_trains_the_same_weights(monkeypatch):
+    """AdamW reads the learning rate once per decayed variable; traced, the schedule is built
+    once per graph and reused, which must not change what training does."""
+    import tensorflow as tf
+
+    step = keras.Variable(5, dtype="int64", trainable=False)
+    sched = BudgetedCosine(1e-2, warmup_steps=2, total_steps=20)
+    built = []
+    compute = sched._compute
+    monkeypatch.setattr(sched, "_compute", lambda s: built.append(1) or compute(s))
+
+    @tf.function
+    def twice():
+        return sched(step), sched(step)
+
+    a, b = twice()
+    assert len(built) == 1 and float(a) == float(b) == pytest.approx(float(compute(5)))
+    step.assign(15)
+    assert float(twice()[0]) == pytest.approx(float(compute(15)))  # the graph reads the counter when run
+    assert float(sched(3)) == pytest.approx(float(compute(3)))  # eager calls compute every time
+
+    def train(cached: bool):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+        schedule = BudgetedCosine(1e-2, warmup_steps=1, total_steps=6)
+        if not cached:
+            schedule.__class__ = type("Uncached", (BudgetedCosine,), {"__call__": BudgetedCosine._compute})
+        model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.1), loss="mse")
+        x = np.random.default_rng(0).normal(size=(24, 4)).astype("float32")
+        model.fit(x, x[:, :2], batch_size=4, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    for w_cached, w_plain in zip(train(True), train(False)):
+        np.testing.assert_array_equal(w_cached, w_plain)
+
+
 @pytest.mark.parametrize("minutes,feed,expect_min", [(1e-9, True, True), (1e-9, False, False), (0, True, False)])
 def test_time_budget_feeds_the_schedule(minutes, feed, expect_min):
     model, budget = _tiny_fit(minutes, feed, epochs=3)

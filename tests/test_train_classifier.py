@@ -76,7 +76,7 @@ def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
     weights = tmp_path / "resnet50_notop.weights.h5"
     source.save_weights(weights)
     run = tmp_path / "run"
-    cfg = tiny(weights=str(weights), head_epochs=1, epochs=2, balance="sampling", mask_loss_weight=1.0)
+    cfg = tiny(weights=str(weights), head_epochs=1, epochs=2, balance="sampling", mask_loss_weight=1.0, mixup=0.4)
     summary = train_classifier(prepared, run, cfg, verbose=0)
     assert summary["head_epochs"] == 1 and summary["epochs_run_in_this_fit"] == 2
     assert (run / "head.weights.h5").is_file()
@@ -94,6 +94,48 @@ def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
         train_classifier(prepared, run, cfg, verbose=0)
 
 
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_mixup_blends_each_row_with_one_partner(with_masks):
+    import tensorflow as tf
+
+    from tf_bus.training.classification import mixup
+
+    # Row i's image is the one-hot of i, so a mixed image shows its weight and its partner.
+    n, batches = 6, 40
+    eye = np.eye(n, dtype=np.float32)
+    images = eye.reshape(n, 1, 1, n)
+    labels = np.eye(3, dtype=np.float32)[np.arange(n) % 3]
+    masks = np.stack([np.full((2, 2, 1), i % 2, np.float32) for i in range(n)])
+    known = np.array([1, 1, 0, 1, 1, 1], np.float32)
+    x = {"image": images, "lesion_mask": masks, "mask_known": known} if with_masks else images
+    ds = tf.data.Dataset.from_tensors((x, labels)).repeat(batches)
+    lams = []
+    out = list(mixup(ds, 0.4, seed=3).as_numpy_iterator())
+    assert len(out) == batches
+    for mx, my in out:
+        img = (mx["image"] if with_masks else mx).reshape(n, n)
+        for i in range(n):
+            partners = [j for j in range(n) if j != i and img[i, j] > 1e-6]
+            assert len(partners) <= 1, img[i]
+            np.testing.assert_allclose(img[i].sum(), 1.0, atol=1e-5)
+            j = partners[0] if partners else i  # paired with itself: the row is unchanged
+            w = img[i, j] if j != i else 0.0  # the partner's weight, 1 - lam
+            np.testing.assert_allclose(my[i], (1 - w) * labels[i] + w * labels[j], atol=1e-5)
+            if with_masks:
+                np.testing.assert_allclose(mx["lesion_mask"][i], (1 - w) * masks[i] + w * masks[j], atol=1e-5)
+                assert mx["mask_known"][i] == known[i] * known[j]
+            if j != i:
+                lams.append(1 - w)
+    lams = np.array(lams)
+    # Beta(0.4, 0.4) is symmetric and U-shaped: mean near 0.5, most weights near 0 or 1.
+    assert 0.35 < lams.mean() < 0.65 and np.mean((lams < 0.2) | (lams > 0.8)) > 0.4
+    # Seeded: a new pipeline with the same seed mixes the same way; another seed does not.
+    again = list(mixup(ds, 0.4, seed=3).as_numpy_iterator())
+    other = list(mixup(ds, 0.4, seed=4).as_numpy_iterator())
+    np.testing.assert_array_equal(out[0][1], again[0][1])
+    assert not np.array_equal(out[0][1], other[0][1])
+
+
 def test_bad_weights_fail_before_any_training(prepared, tmp_path):
     with pytest.raises(TfBusError, match="no such weights file"):
         train_classifier(prepared, tmp_path / "run", tiny(weights=str(tmp_path / "missing.h5")), verbose=0)
@@ -102,7 +144,7 @@ def test_bad_weights_fail_before_any_training(prepared, tmp_path):
 
 @pytest.mark.parametrize("kwargs,field", [(dict(backbone="vgg16"), "backbone"), (dict(image_size=(16, 16)), "image_size"),
                                           (dict(fine_tune_stages=7), "fine_tune_stages"), (dict(balance="x"), "balance"),
-                                          (dict(monitor="val_accuracy"), "monitor"),
+                                          (dict(monitor="val_accuracy"), "monitor"), (dict(mixup=-0.2), "mixup"),
                                           (dict(mask_loss_weight=0.0, lesion_pooling=True), "lesion_pooling")])
 def test_bad_classifier_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):

@@ -484,6 +484,10 @@ def _add_classifier_flags(p, d) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
                    help=f"input channels; grey is replicated inside the model (default: {d.channels})")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--mixup", type=float, default=d.mixup, metavar="ALPHA",
+                   help="mixup on the training batches: each image is blended with another of its batch by a "
+                        "Beta(ALPHA, ALPHA) weight, and so are their labels and lesion masks; 0 disables "
+                        f"(default: {d.mixup:g})")
     p.add_argument("--mask-loss-weight", type=float, default=d.mask_loss_weight, metavar="W",
                    help="multi-task training: above 0, a lesion head on the backbone learns the lesion masks (BCE + "
                         "Dice, weight W) next to the class; needs a `tf-bus prepare` output or the raw release; only "
@@ -539,8 +543,8 @@ def _cmd_train_classifier(args) -> int:
         image_size=args.image_size, channels=args.channels, dropout=args.dropout, head_epochs=args.head_epochs,
         fine_tune_stages=args.fine_tune_stages, epochs=args.epochs, learning_rate=args.learning_rate,
         fine_tune_learning_rate=args.fine_tune_learning_rate, label_smoothing=args.label_smoothing,
-        mask_loss_weight=args.mask_loss_weight, lesion_pooling=args.lesion_pooling, bn_momentum=args.bn_momentum,
-        balance=args.balance, monitor=args.monitor, **_training_kwargs(args),
+        mask_loss_weight=args.mask_loss_weight, lesion_pooling=args.lesion_pooling, mixup=args.mixup,
+        bn_momentum=args.bn_momentum, balance=args.balance, monitor=args.monitor, **_training_kwargs(args),
     )
     summary = train_classifier(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
                                verbose=2 if args.quiet else 1)
@@ -800,7 +804,8 @@ def _cmd_tune(args) -> int:
     base = ClassifierConfig(
         weights=None if args.weights.lower() == "none" else args.weights, image_size=args.image_size,
         channels=args.channels, label_smoothing=args.label_smoothing, mask_loss_weight=args.mask_loss_weight,
-        lesion_pooling=args.lesion_pooling, bn_momentum=args.bn_momentum, balance=args.balance, schedule=args.schedule,
+        lesion_pooling=args.lesion_pooling, mixup=args.mixup, bn_momentum=args.bn_momentum, balance=args.balance,
+        schedule=args.schedule,
         augment=not args.no_augment, precision=args.precision, seed=args.seed, time_budget_minutes=0,
         early_stopping_patience=0, strategy=args.strategy, head_epochs=args.head_epochs,
     )

@@ -440,6 +440,9 @@ class ClassifierConfig(_TrainingConfig):
             to the class, so the from-scratch backbone learns where the lesion is. Needs
             masks: a `tf-bus prepare` output or the raw release. Only the classifier is
             saved, evaluated and exported. 0 disables.
+        mixup: the Beta(alpha, alpha) parameter of mixup on the training batches (Zhang
+            et al. 2018): each image is blended with another of its batch, and so are
+            their one-hot labels and lesion masks. 0 disables.
         lesion_pooling: with the lesion head, the class head also pools the conv4 features
             under the predicted lesion and sees the lesion presence
             (``LesionAttentionPool``); the served classifier then runs the lesion head.
@@ -474,6 +477,7 @@ class ClassifierConfig(_TrainingConfig):
     label_smoothing: float = 0.1
     mask_loss_weight: float = 1.0
     lesion_pooling: bool = False
+    mixup: float = 0.0
     bn_momentum: float = 0.9
     balance: str = "layout"
     augment: bool = True
@@ -498,6 +502,8 @@ class ClassifierConfig(_TrainingConfig):
             raise ConfigError(f"`bn_momentum` must be within (0, 1). Received: bn_momentum={self.bn_momentum}")
         if not self.mask_loss_weight >= 0:
             raise ConfigError(f"`mask_loss_weight` must be >= 0. Received: mask_loss_weight={self.mask_loss_weight}")
+        if not self.mixup >= 0:
+            raise ConfigError(f"`mixup` must be >= 0 (0 disables). Received: mixup={self.mixup}")
         if self.monitor not in CLASSIFIER_MONITORS:
             raise ConfigError(f"`monitor` must be {' or '.join(CLASSIFIER_MONITORS)}. Received: monitor={self.monitor!r}")
         if self.lesion_pooling and self.mask_loss_weight <= 0:

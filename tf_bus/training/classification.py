@@ -28,7 +28,7 @@ from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, Lo
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
-from tf_bus.training.common import check_run_dir, make_optimizer
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer
 from tf_bus.training.precision import set_precision
 
 
@@ -49,6 +49,36 @@ def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
         return x, tf.one_hot(y, len(CLASS_NAMES))
 
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def mixup(ds: tf.data.Dataset, alpha: float, seed: int) -> tf.data.Dataset:
+    """Mixup (Zhang et al. 2018) on batches of ``_one_hot``'s output: row i becomes
+    ``lam_i * row_i + (1 - lam_i) * row_j`` for a random pairing j within the batch and
+    ``lam_i ~ Beta(alpha, alpha)``, for the image, the one-hot label and the lesion mask
+    alike; a mixed mask is known only where both masks are. Seeded and stateless, so every
+    worker of a multi-worker run mixes a global batch the same way."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(6)
+
+    def mix(batch, seed):
+        x, y = batch
+        n = tf.shape(y)[0]
+        g1 = tf.random.stateless_gamma([n], seed[0:2], alpha)
+        g2 = tf.random.stateless_gamma([n], seed[2:4], alpha)
+        lam = g1 / tf.maximum(g1 + g2, 1e-12)
+        perm = tf.argsort(tf.random.stateless_uniform([n], seed[4:6]))
+
+        def blend(t):
+            lam_t = tf.reshape(tf.cast(lam, t.dtype), [-1] + [1] * (len(t.shape) - 1))
+            return lam_t * t + (1.0 - lam_t) * tf.gather(t, perm)
+
+        if isinstance(x, dict):
+            x = {"image": blend(x["image"]), "lesion_mask": blend(x["lesion_mask"]),
+                 "mask_known": x["mask_known"] * tf.gather(x["mask_known"], perm)}
+        else:
+            x = blend(x)
+        return x, blend(y)
+
+    return tf.data.Dataset.zip((ds, seeds)).map(mix, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def build_training_model(config: ClassifierConfig) -> keras.Model:
@@ -97,6 +127,8 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
                                      deterministic=multiworker), training=True,
         splits_file=splits_file,
         balanced=balance == "sampling", include_augmented=include_aug, with_masks=masks))
+    if config.mixup > 0:
+        train_ds = mixup(train_ds, config.mixup, config.seed + 1)  # + 1: not the augmentation's stream
     val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config, deterministic=multiworker),
                                              training=False, splits_file=splits_file, with_masks=masks))
     if multiworker:
@@ -106,15 +138,21 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
 
 
 def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int) -> None:
+    """Compiles ``model`` for ``fit`` with every variable of the step created up front (see
+    ``build_before_fit``); call it in the strategy scope."""
+    n = len(CLASS_NAMES)
+    f1 = keras.metrics.F1Score(average="macro", name="f1")
+    f1._build((None, n), (None, n))  # F1Score makes its variables in its first update otherwise
     model.compile(
         optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                  keras.metrics.CategoricalCrossentropy(name="ce"),
-                 keras.metrics.F1Score(average="macro", name="f1"),
-                 keras.metrics.AUC(multi_label=True, num_labels=len(CLASS_NAMES), name="auc")],
+                 f1,
+                 keras.metrics.AUC(multi_label=True, num_labels=n, name="auc")],
         jit_compile=False,
     )
+    build_before_fit(model)
 
 
 def train_classifier(

@@ -26,6 +26,18 @@ def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epoc
     return keras.optimizers.Adam(learning_rate=lr)
 
 
+def build_before_fit(model: keras.Model) -> None:
+    """Creates the compiled optimizer's slot variables now, in the caller's strategy scope.
+
+    Keras creates them lazily in the first step, inside ``fit``'s first ``tf.function``
+    trace; TensorFlow then traces that function a second time (a function may create
+    variables only on its first trace). For a ResNet50 training step one trace costs about
+    30 s on 2 cores, so every ``fit`` paid it twice. Call it after ``compile`` (and after any
+    change to what is trainable). Metrics that build lazily must be built by their owner
+    (see ``compile_classifier``)."""
+    model.optimizer.build(model.trainable_variables)
+
+
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
                   outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json")) -> bool:
     """Returns True when the run in ``run_dir`` resumes (an unfinished run with the same

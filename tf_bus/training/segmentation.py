@@ -32,7 +32,7 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import BestCheckpoint, MaskOverlays, TimeBudget, best_logged
-from tf_bus.training.common import check_run_dir, make_optimizer
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer
 from tf_bus.training.precision import set_precision
 
 
@@ -109,6 +109,7 @@ def train_segmenter(
         model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
                                                 config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
                       metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
+        build_before_fit(model)
     write_json_atomic(run_dir / "config.json", {
         **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
         "tf_bus_version": tf_bus.__version__,
