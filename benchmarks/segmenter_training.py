@@ -27,10 +27,12 @@ def train_rate(size: int, base: int, depth: int, batch: int, steps: int, precisi
 
     from tf_bus.models.losses import get_loss
     from tf_bus.models.unet import UNet
+    from tf_bus.training.common import build_before_fit
 
     keras.mixed_precision.set_global_policy(precision)
     model = UNet((size, size), 1, depth=depth, base_filters=base)
     model.compile(optimizer="adamw", loss=get_loss("bce_dice"), jit_compile=False)
+    build_before_fit(model)  # one trace of the step, as the trainers do
     rng = np.random.default_rng(0)
     x = rng.random((batch * steps, size, size, 1), np.float32)
     y = (rng.random((batch * steps, size, size, 1)) > 0.9).astype(np.float32)

@@ -93,23 +93,29 @@ def _signatures(kind: str, model: keras.Model, threshold: float):
     bytes_spec = [tf.TensorSpec([None], tf.string, name="images")]
     tensor_spec = [tf.TensorSpec([None, h, w, c], tf.float32, name="images")]
 
+    # One traced forward pass that both signatures call: the model's graph is built and
+    # stored once (tracing a ResNet50 costs seconds, and so does loading each copy).
+    @tf.function(input_signature=tensor_spec)
+    def forward(images):
+        return tf.cast(model(images * scale, training=False), tf.float32)
+
     if kind == "classifier":
         names = tf.constant(list(CLASS_NAMES))
 
         def serve(images):
             x, _ = prepare(images)
-            p = tf.cast(model(x, training=False), tf.float32)
+            p = forward(x)
             ids = tf.argmax(p, axis=-1)
             return {"probabilities": p, "class_ids": ids, "class_names": tf.gather(names, ids)}
 
         def tensor(images):
-            return {"probabilities": tf.cast(model(images * scale, training=False), tf.float32)}
+            return {"probabilities": forward(images)}
 
         return serve, tensor, bytes_spec, tensor_spec
 
     def serve(images):
         x, sizes = prepare(images)
-        prob = tf.cast(model(x * scale, training=False), tf.float32)  # (B, h, w, 1)
+        prob = forward(x)  # (B, h, w, 1)
         max_h, max_w = tf.reduce_max(sizes[:, 0]), tf.reduce_max(sizes[:, 1])
 
         def back(args):
@@ -127,7 +133,7 @@ def _signatures(kind: str, model: keras.Model, threshold: float):
                 "image_size": sizes}
 
     def tensor(images):
-        return {"mask_probabilities": tf.cast(model(images * scale, training=False), tf.float32)[..., 0]}
+        return {"mask_probabilities": forward(images)[..., 0]}
 
     return serve, tensor, bytes_spec, tensor_spec
 

@@ -142,7 +142,8 @@ def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, 
     ``build_before_fit``); call it in the strategy scope."""
     n = len(CLASS_NAMES)
     f1 = keras.metrics.F1Score(average="macro", name="f1")
-    f1._build((None, n), (None, n))  # F1Score makes its variables in its first update otherwise
+    if hasattr(f1, "_build"):  # F1Score makes its variables in its first update otherwise (a second trace)
+        f1._build((None, n), (None, n))
     model.compile(
         optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
