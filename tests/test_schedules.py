@@ -82,6 +82,29 @@ def test_one_schedule_graph_per_trace_trains_the_same_weights(monkeypatch):
         np.testing.assert_array_equal(w_cached, w_plain)
 
 
+@pytest.mark.parametrize("prebuilt,traces", [(False, 2), (True, 1)])
+def test_build_before_fit_traces_the_training_step_once(prebuilt, traces):
+    """Keras makes the optimizer's slots in the first trace, and TensorFlow then traces again;
+    built up front (as both trainers do), the step is traced once."""
+    from tf_bus.training.common import build_before_fit
+
+    seen = []
+
+    class Count(keras.layers.Layer):
+        def call(self, x, training=None):
+            if training:
+                seen.append(1)
+            return x
+
+    model = keras.Sequential([keras.Input((4,)), Count(), keras.layers.Dense(2)])
+    model.compile(make_optimizer(PEAK, "cosine", 0, 10, 3, 1e-4), "mse")
+    if prebuilt:
+        build_before_fit(model)
+    x = np.zeros((12, 4), np.float32)
+    model.fit(x, x[:, :2], batch_size=4, epochs=2, verbose=0)
+    assert len(seen) == traces
+
+
 @pytest.mark.parametrize("minutes,feed,expect_min", [(1e-9, True, True), (1e-9, False, False), (0, True, False)])
 def test_time_budget_feeds_the_schedule(minutes, feed, expect_min):
     model, budget = _tiny_fit(minutes, feed, epochs=3)
