@@ -8,10 +8,12 @@ FLOPs; a training step = 3x the forward pass). Prints JSON.
 
 Where the CPU has no native bf16 (no AVX512_BF16/AMX: ``native_bf16`` false in the
 output), TensorFlow emulates bfloat16 and ``mixed_bfloat16`` is expected to be slower;
-that is what ``--precision auto`` avoids.
+that is what ``--precision auto`` avoids. oneDNN's kernels are on, as under ``tf-bus``;
+``--onednn both`` times them against TensorFlow's Eigen kernels in alternating child
+processes (``benchmarks/onednn.py``).
 
     python benchmarks/classifier_training.py [--size 224] [--backbones resnet50,resnet101]
-        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3]
+        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3] [--onednn on|off|both] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import onednn  # noqa: E402  (benchmarks/onednn.py)
 from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
 
 
@@ -60,14 +64,21 @@ def main() -> None:
                     help="comma list of float32,mixed_bfloat16 (default: both)")
     ap.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per backbone and precision (default: 3)")
+    onednn.add_arguments(ap)
     args = ap.parse_args()
+    if args.onednn == "both":
+        argv = [a for a in sys.argv[1:] if a not in ("--onednn", "both", "--onednn=both")]
+        print(json.dumps(onednn.compare(__file__, argv, args.rounds, "classifier_training"), indent=2))
+        return
+    onednn.apply(args.onednn)
 
     import tensorflow as tf
 
-    from tf_bus.training.precision import cpu_has_native_bf16
+    from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 
     out = {"benchmark": "classifier_training", "size": args.size, "batch": args.batch, "steps": args.steps,
            "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "native_bf16": cpu_has_native_bf16(),
+           "onednn_active": onednn_enabled(),
            "matmul_peak_gflop_per_s": {}, "results": {}}
     for precision in args.precisions.split(","):
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")

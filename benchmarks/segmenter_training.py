@@ -4,9 +4,11 @@ In one process: (1) the peak, as the best of several large ``tf.matmul`` runs in
 (and bfloat16 where asked); (2) ``model.fit`` steps of the default U-Net (or the given
 size) on in-memory data, per precision. Model FLOPs are counted analytically from the
 convolution layers (multiply-add = 2 FLOPs; a training step = 3x the forward pass).
-Prints JSON.
+Prints JSON. oneDNN's kernels are on, as under ``tf-bus``; ``--onednn both`` times them
+against TensorFlow's Eigen kernels in alternating child processes (``benchmarks/onednn.py``).
 
     python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions float32]
+        [--onednn on|off|both] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import onednn  # noqa: E402  (benchmarks/onednn.py)
 from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
 
 
@@ -56,15 +60,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=d.batch_size, help="batch size (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
     ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
+    onednn.add_arguments(ap)
     args = ap.parse_args()
+    if args.onednn == "both":
+        argv = [a for a in sys.argv[1:] if a not in ("--onednn", "both", "--onednn=both")]
+        print(json.dumps(onednn.compare(__file__, argv, args.rounds, "segmenter_training"), indent=2))
+        return
+    onednn.apply(args.onednn)
 
     import tensorflow as tf
 
-    from tf_bus.training.precision import cpu_has_native_bf16
+    from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 
     out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
            "depth": args.depth, "batch": args.batch, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
-           "native_bf16": cpu_has_native_bf16(), "results": {}}
+           "native_bf16": cpu_has_native_bf16(),
+           "onednn_active": onednn_enabled(), "results": {}}
     for precision in args.precisions.split(","):
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
         rate, flops = train_rate(args.size, args.base_filters, args.depth, args.batch, args.steps, precision)

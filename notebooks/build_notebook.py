@@ -48,9 +48,9 @@ import numpy as np
 from IPython.display import Image, Markdown, display
 from PIL import Image as PILImage
 
+import tf_bus  # before TensorFlow: it turns on oneDNN's CPU kernels (README, "oneDNN")
 import keras
 import tensorflow as tf
-import tf_bus
 
 tf.get_logger().setLevel("ERROR")  # keep the cells' output to what tf-bus prints
 

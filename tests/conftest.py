@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tf_bus  # noqa: F401  first, before TensorFlow: it turns oneDNN on, as under `tf-bus`
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_BUSI = Path(os.environ.get("TF_BUS_REAL_DATA", REPO.parent / "shared" / "busi")) / "Dataset_BUSI_with_GT"
 

@@ -30,12 +30,20 @@ def test_loader_benchmark_prints_json(synthetic_release):
     assert abs(out["speedup_cached"] - ratio) <= 0.01 * ratio + 0.01
 
 
-def test_segmenter_training_benchmark_prints_json():
-    res = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
-                        "--batch", "2", "--steps", "1")["results"]["float32"]
-    # 32x32, depth 2, 4 filters: the first conv alone is 2*32*32*9*1*4 FLOPs.
-    assert res["forward_gflops_per_image"] > 2 * 32 * 32 * 9 * 4 / 1e9
-    assert res["train_images_per_s"] > 0 and 0 < res["utilisation_of_peak"]
+def test_segmenter_training_benchmark_prints_json_with_onednn_off_and_on():
+    out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
+                        "--batch", "2", "--steps", "1", "--onednn", "both", "--rounds", "1")
+    # Each child ran the setting it was given (TensorFlow's own report, not the flag echoed).
+    assert out["onednn_active"] == {"off": [False], "on": [True]}
+    for setting in ("off", "on"):
+        [run] = out["runs"][setting]
+        res = run["results"]["float32"]
+        # 32x32, depth 2, 4 filters: the first conv alone is 2*32*32*9*1*4 FLOPs.
+        assert res["forward_gflops_per_image"] > 2 * 32 * 32 * 9 * 4 / 1e9
+        assert res["train_images_per_s"] > 0 and 0 < res["utilisation_of_peak"]
+        assert out["median"][setting]["float32"]["train_images_per_s"] == pytest.approx(res["train_images_per_s"])
+    rate = {s: out["median"][s]["float32"]["train_images_per_s"] for s in ("off", "on")}
+    assert out["onednn_speedup"]["float32"] == pytest.approx(rate["on"] / rate["off"], rel=0.01)
 
 
 def test_classifier_training_benchmark_prints_json():

@@ -12,6 +12,7 @@ import time
 
 import keras
 import pytest
+import tensorflow as tf
 
 from tf_bus.config import ConfigError, SegmenterConfig
 from tf_bus.data.busi import TfBusError
@@ -48,6 +49,8 @@ def test_run_dir_contents(tiny_run):
     assert not (run / "backup").exists(), "BackupAndRestore state is removed once a run finishes"
     cfg, record = load_run_config(run)
     assert cfg == tiny_config(profile_batches=(1, 2)) and record["precision"] == resolve_precision("auto")
+    # conftest imports tf_bus before TensorFlow, as `tf-bus` does: oneDNN is on.
+    assert record["onednn"] is True and record["tensorflow_version"] == tf.__version__
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_dice" in rows[0]
     assert summary["epochs_run_in_this_fit"] == 2 and 0 <= summary["best_val_dice"] <= 1
@@ -128,3 +131,15 @@ def test_bad_config_values():
                                             ("amx_bf16 amx_tile", True)])
 def test_native_bf16_detection(flags, expected):
     assert cpu_has_native_bf16(f"processor : 0\nflags\t\t: {flags}\n") is expected
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("1", True), ("0", False)])
+def test_importing_tf_bus_first_turns_onednn_on_unless_told_not_to(env, expected):
+    code = ("import os, tf_bus, tensorflow; from tf_bus.training.precision import onednn_enabled; "
+            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())")
+    environ = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if env is not None:
+        environ["TF_ENABLE_ONEDNN_OPTS"] = env
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [env or "1", str(expected)]

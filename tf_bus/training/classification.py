@@ -23,12 +23,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-import tf_bus
 from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, LoaderConfig
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
 from tf_bus.training.precision import set_precision
 
 
@@ -137,9 +136,11 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
     return ClassifierData(train_ds, val_ds, math.ceil(n_train / config.batch_size), balance, weights)
 
 
-def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int) -> None:
+def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, epochs: int, steps: int,
+                       *, build: bool = True) -> None:
     """Compiles ``model`` for ``fit`` with every variable of the step created up front (see
-    ``build_before_fit``); call it in the strategy scope."""
+    ``build_before_fit``; ``build=False`` skips that, for a compile that a later one replaces);
+    call it in the strategy scope."""
     n = len(CLASS_NAMES)
     f1 = keras.metrics.F1Score(average="macro", name="f1")
     if hasattr(f1, "_build"):  # F1Score makes its variables in its first update otherwise (a second trace)
@@ -153,7 +154,8 @@ def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, 
                  keras.metrics.AUC(multi_label=True, num_labels=n, name="auc")],
         jit_compile=False,
     )
-    build_before_fit(model)
+    if build:
+        build_before_fit(model)
 
 
 def train_classifier(
@@ -202,8 +204,7 @@ def train_classifier(
     weights_by_class = data_.class_weight
     write_json_atomic(run_dir / "config.json", {
         **record, "precision": policy, "replicas": strategy.num_replicas_in_sync, "balance_used": balance,
-        "tf_bus_version": tf_bus.__version__,
-        "keras_version": keras.__version__, "parameters": model.count_params(),
+        **software_record(model),
     })
 
     budget = TimeBudget.for_config(config)

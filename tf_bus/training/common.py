@@ -38,6 +38,17 @@ def build_before_fit(model: keras.Model) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
+def software_record(model: keras.Model) -> dict[str, Any]:
+    """What a run's ``config.json`` records of the software it ran on, and the model's size."""
+    import tensorflow as tf
+
+    import tf_bus
+    from tf_bus.training.precision import onednn_enabled
+
+    return {"tf_bus_version": tf_bus.__version__, "keras_version": keras.__version__,
+            "tensorflow_version": tf.__version__, "onednn": onednn_enabled(), "parameters": model.count_params()}
+
+
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
                   outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json")) -> bool:
     """Returns True when the run in ``run_dir`` resumes (an unfinished run with the same

@@ -26,6 +26,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def onednn_enabled() -> bool | None:
+    """Whether this process's TensorFlow runs oneDNN's CPU kernels (decided when TensorFlow
+    was imported, from ``TF_ENABLE_ONEDNN_OPTS`` and the CPU); None where it cannot tell."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def resolve_precision(name: str) -> str:
     """``auto`` -> ``mixed_bfloat16`` on a GPU or a CPU with native bf16, else ``float32``."""
     if name == "auto":

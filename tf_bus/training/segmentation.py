@@ -24,7 +24,6 @@ from typing import Any
 import keras
 import numpy as np
 
-import tf_bus
 from tf_bus.config import LoaderConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
@@ -32,7 +31,7 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import BestCheckpoint, MaskOverlays, TimeBudget, best_logged
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
 from tf_bus.training.precision import set_precision
 
 
@@ -112,8 +111,7 @@ def train_segmenter(
         build_before_fit(model)
     write_json_atomic(run_dir / "config.json", {
         **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
-        "tf_bus_version": tf_bus.__version__,
-        "keras_version": keras.__version__, "parameters": model.count_params(),
+        **software_record(model),
     })
     logs = run_dir / "logs"
     budget = TimeBudget.for_config(config)

@@ -88,8 +88,9 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
             config = self.config_for(hp)
             model = build_training_model(config)
             set_trainable_stages(model, config.fine_tune_stages if config.weights else None)
-            # The schedule needs steps per epoch; `fit` recompiles with the real count.
-            compile_classifier(model, config, config.learning_rate, config.epochs, 1)
+            # The schedule needs steps per epoch; `fit` recompiles with the real count (and only
+            # then builds the optimizer's slots: built here, they would be thrown away).
+            compile_classifier(model, config, config.learning_rate, config.epochs, 1, build=False)
             return model
 
         def fit(self, hp, model, *args, epochs=None, callbacks=None, verbose="auto", **kwargs):
