@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -66,11 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per backbone and precision (default: 3)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
-    if args.onednn == "both":
-        argv = [a for a in sys.argv[1:] if a not in ("--onednn", "both", "--onednn=both")]
-        print(json.dumps(onednn.compare(__file__, argv, args.rounds, "classifier_training"), indent=2))
+    if onednn.compared(args, __file__, "classifier_training"):
         return
-    onednn.apply(args.onednn)
 
     import tensorflow as tf
 

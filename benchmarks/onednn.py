@@ -54,8 +54,9 @@ def _speedups(on: Any, off: Any, key: str) -> Any:
 
 
 def compare(script: str, argv: list[str], rounds: int, benchmark: str) -> dict[str, Any]:
-    """Runs ``script argv --onednn off|on`` ``rounds`` times each, alternating; returns the
-    medians per setting, the runs themselves, and the speed-up in training images/s."""
+    """Runs ``script argv --onednn off|on`` ``rounds`` times each, alternating (the appended
+    ``--onednn`` wins over one in ``argv``: argparse keeps the last); returns the medians per
+    setting, the runs themselves, and the speed-up in training images/s."""
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for _ in range(rounds):
         for setting in ("off", "on"):
@@ -68,3 +69,13 @@ def compare(script: str, argv: list[str], rounds: int, benchmark: str) -> dict[s
             "onednn_active": {s: [run["onednn_active"] for run in runs[s]] for s in runs},
             "median": medians, "onednn_speedup": _speedups(medians["on"], medians["off"], "train_images_per_s"),
             "runs": runs}
+
+
+def compared(args, script: str, benchmark: str) -> bool:
+    """With ``--onednn both``: prints the comparison and returns True (the caller is done).
+    Otherwise sets this process's setting (before TensorFlow is imported) and returns False."""
+    if args.onednn == "both":
+        print(json.dumps(compare(script, sys.argv[1:], args.rounds, benchmark), indent=2))
+        return True
+    apply(args.onednn)
+    return False

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,11 +61,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
-    if args.onednn == "both":
-        argv = [a for a in sys.argv[1:] if a not in ("--onednn", "both", "--onednn=both")]
-        print(json.dumps(onednn.compare(__file__, argv, args.rounds, "segmenter_training"), indent=2))
+    if onednn.compared(args, __file__, "segmenter_training"):
         return
-    onednn.apply(args.onednn)
 
     import tensorflow as tf
 
