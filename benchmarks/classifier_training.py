@@ -12,8 +12,12 @@ that is what ``--precision auto`` avoids. oneDNN's kernels are on, as under ``tf
 ``--onednn both`` times them against TensorFlow's Eigen kernels in alternating child
 processes (``benchmarks/onednn.py``).
 
+``--batch-norm both`` times the fused batch norm (the default) against keras.applications'
+own ``BatchNormalization``, one after the other in the same process.
+
     python benchmarks/classifier_training.py [--size 224] [--backbones resnet50,resnet101]
-        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3] [--onednn on|off|both] [--rounds 3]
+        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3] [--batch-norm fused|keras|both]
+        [--onednn on|off|both] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import onednn  # noqa: E402  (benchmarks/onednn.py)
 from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
 
 
-def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str) -> tuple[float, float, int]:
-    """(training images/s, forward FLOPs per image, parameters) of one backbone at one precision."""
+def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str,
+               fused: bool = True) -> tuple[float, float, int]:
+    """(training images/s, forward FLOPs per image, parameters) of one backbone at one precision,
+    with the fused batch norm (the default) or keras.applications' own."""
     import keras
 
     from tf_bus.models.classifier import build_classifier, set_trainable_stages
@@ -39,7 +45,7 @@ def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str)
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = build_classifier(backbone, None, (size, size), channels=1)
+        model = build_classifier(backbone, None, (size, size), channels=1, fused_batch_norm=fused)
         set_trainable_stages(model, None)
         model.compile(optimizer="adamw", loss="categorical_crossentropy", jit_compile=False)
         build_before_fit(model)  # one trace of the step, as the trainers do
@@ -63,6 +69,9 @@ def main() -> None:
                     help="comma list of float32,mixed_bfloat16 (default: both)")
     ap.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per backbone and precision (default: 3)")
+    ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
+                    help="fused: the classifier's default batch norm (TensorFlow's fused kernel); keras: "
+                         "keras.applications' BatchNormalization; both: time each (default: fused)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
     if onednn.compared(args, __file__, "classifier_training"):
@@ -74,23 +83,35 @@ def main() -> None:
 
     out = {"benchmark": "classifier_training", "size": args.size, "batch": args.batch, "steps": args.steps,
            "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "native_bf16": cpu_has_native_bf16(),
-           "onednn_active": onednn_enabled(),
+           "onednn_active": onednn_enabled(), "batch_norm": args.batch_norm,
            "matmul_peak_gflop_per_s": {}, "results": {}}
+    variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
     for precision in args.precisions.split(","):
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
         out["matmul_peak_gflop_per_s"][precision] = round(peak / 1e9, 1)
         for backbone in args.backbones.split(","):
-            rate, flops, params = train_rate(backbone, args.size, args.batch, args.steps, precision)
-            achieved = rate * 3.0 * flops
-            out["results"].setdefault(backbone, {})[precision] = {
-                "train_images_per_s": round(rate, 3),
-                "forward_gflops_per_image": round(flops / 1e9, 3),
-                "parameters": params,
-                "achieved_gflop_per_s": round(achieved / 1e9, 2),
-                "utilisation_of_peak": round(achieved / peak, 3),
-            }
+            for variant in variants:
+                rate, flops, params = train_rate(backbone, args.size, args.batch, args.steps, precision,
+                                                 fused=variant == "fused")
+                achieved = rate * 3.0 * flops
+                result = {
+                    "train_images_per_s": round(rate, 3),
+                    "forward_gflops_per_image": round(flops / 1e9, 3),
+                    "parameters": params,
+                    "achieved_gflop_per_s": round(achieved / 1e9, 2),
+                    "utilisation_of_peak": round(achieved / peak, 3),
+                }
+                res = out["results"].setdefault(backbone, {})
+                if len(variants) == 1:
+                    res[precision] = result
+                else:
+                    res.setdefault(precision, {})[f"{variant}_batch_norm"] = result
+            if len(variants) > 1:
+                r = out["results"][backbone][precision]
+                r["fused_batch_norm_speedup"] = round(r["fused_batch_norm"]["train_images_per_s"]
+                                                      / r["keras_batch_norm"]["train_images_per_s"], 3)
     for backbone, res in out["results"].items():
-        if "float32" in res and "mixed_bfloat16" in res:
+        if "float32" in res and "mixed_bfloat16" in res and len(variants) == 1:
             res["bf16_speedup"] = round(res["mixed_bfloat16"]["train_images_per_s"] / res["float32"]["train_images_per_s"], 3)
     print(json.dumps(out, indent=2))
 

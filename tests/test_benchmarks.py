@@ -72,6 +72,18 @@ def test_classifier_training_benchmark_prints_json():
     assert abs(res["bf16_speedup"] - ratio) <= 0.01 * ratio + 0.002
 
 
+def test_classifier_training_benchmark_times_fused_against_keras_batch_norm():
+    out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
+                        "--precisions", "float32", "--batch", "2", "--steps", "1", "--batch-norm", "both")
+    assert out["batch_norm"] == "both"
+    res = out["results"]["resnet50"]["float32"]
+    fused, plain = res["fused_batch_norm"], res["keras_batch_norm"]
+    assert fused["parameters"] == plain["parameters"] and fused["forward_gflops_per_image"] == plain["forward_gflops_per_image"]
+    assert res["fused_batch_norm_speedup"] == pytest.approx(
+        fused["train_images_per_s"] / plain["train_images_per_s"], rel=0.01)
+    assert "bf16_speedup" not in out["results"]["resnet50"]
+
+
 def test_serving_latency_benchmark_prints_json():
     out = run_benchmark("serving_latency.py", "--requests", "3", "--clients", "2", "--per-client", "1", timeout=600)
     assert out["in_process"]["p50_ms"] > 0

@@ -35,6 +35,25 @@ def test_local_weights_file_is_loaded(tmp_path):
         assert len(bns) == 53 and {l.momentum for l in bns} == {expected}
 
 
+@pytest.mark.parametrize("fused,bn_class", [(True, "tf_bus.models.normalization"), (False, "keras")])
+def test_backbone_batch_norm_is_fused_by_default_and_keeps_the_loaded_weights(tmp_path, fused, bn_class):
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    rng = np.random.default_rng(6)
+    source.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in source.get_weights()])
+    path = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(path)
+    model = build_classifier("resnet50", str(path), image_size=(64, 64), channels=3, fused_batch_norm=fused)
+    base = model.get_layer("backbone")
+    bns = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bns) == 53 and {type(l).__module__.split(".")[0] for l in bns} == {bn_class.split(".")[0]}
+    assert [l.name for l in base.layers][1:] == [l.name for l in source.layers][1:]  # [0]: an auto-named input
+    for a, b in zip(base.get_weights(), source.get_weights()):  # every weight, moving statistics included
+        np.testing.assert_array_equal(a, b)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    features = source(keras.applications.resnet.preprocess_input(x.copy()), training=False)
+    np.testing.assert_allclose(base(clf.ResNetPreprocess()(x), training=False), features, rtol=1e-4, atol=1e-4)
+
+
 def test_preprocessing_matches_keras_applications():
     x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     ref = keras.applications.resnet.preprocess_input(x.copy())
