@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import onednn  # noqa: E402  (benchmarks/onednn.py)
-from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
+from flops import conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
 
 
 def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str,
@@ -98,8 +98,8 @@ def main() -> None:
                     "train_images_per_s": round(rate, 3),
                     "forward_gflops_per_image": round(flops / 1e9, 3),
                     "parameters": params,
-                    "achieved_gflop_per_s": round(achieved / 1e9, 2),
-                    "utilisation_of_peak": round(achieved / peak, 3),
+                    "achieved_gflop_per_s": significant(achieved / 1e9, 4),
+                    "utilisation_of_peak": significant(achieved / peak),
                 }
                 res = out["results"].setdefault(backbone, {})
                 if len(variants) == 1:

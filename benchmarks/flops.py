@@ -42,3 +42,8 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
         f(a, b).numpy()
         best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t))
     return best
+
+
+def significant(x: float, digits: int = 3) -> float:
+    """``x`` rounded to ``digits`` significant digits: a tiny model's utilisation stays above 0."""
+    return float(f"{x:.{digits}g}")

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import onednn  # noqa: E402  (benchmarks/onednn.py)
-from flops import conv_flops, matmul_peak  # noqa: E402  (benchmarks/flops.py)
+from flops import conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
 
 
 def build(size: int, base: int, depth: int, batch: int, precision: str, fused: bool):
@@ -105,9 +105,9 @@ def main() -> None:
             result[v] = {
                 "train_images_per_s": round(rate, 2),
                 "forward_gflops_per_image": round(flops / 1e9, 4),
-                "achieved_gflop_per_s": round(achieved / 1e9, 1),
+                "achieved_gflop_per_s": significant(achieved / 1e9, 4),
                 "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
-                "utilisation_of_peak": round(achieved / peak, 3),
+                "utilisation_of_peak": significant(achieved / peak),
             }
             if rounds > 1:
                 result[v]["rates"] = [round(r, 2) for r in rates[v]]

@@ -383,7 +383,7 @@ class SegmenterConfig(_TrainingConfig):
 
     image_size: tuple[int, int] = (128, 128)
     channels: int = 1
-    depth: int = 4
+    depth: int = 5  # three pairs of real runs (README, U-Net results) put depth 5 0.02 to 0.04 test Dice ahead of 4
     base_filters: int = 16
     batch_norm: bool = True
     dropout: float = 0.1
