@@ -351,6 +351,10 @@ def _add_training_flags(p, d, monitored: str) -> None:
                         f"plateau: halve on a val-loss plateau; constant (default: {d.schedule})")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help=f"warm-up epochs for cosine (default: {d.warmup_epochs})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay, 0 for Adam (default: {d.weight_decay})")
+    p.add_argument("--ema", type=float, default=d.ema, metavar="MOMENTUM",
+                   help="keep an exponential moving average of the weights with this momentum (e.g. 0.99), updated "
+                        "every step; validation, best.keras and last.keras then use the averaged weights; 0 is off "
+                        f"(default: {d.ema:g})")
     p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
@@ -379,7 +383,7 @@ def _add_training_flags(p, d, monitored: str) -> None:
 def _training_kwargs(args) -> dict:
     """Config fields set by ``_add_training_flags``."""
     return dict(batch_size=args.batch_size, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                weight_decay=args.weight_decay, augment=not args.no_augment, precision=args.precision,
+                weight_decay=args.weight_decay, ema=args.ema, augment=not args.no_augment, precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
                 profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
 

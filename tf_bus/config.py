@@ -335,6 +335,8 @@ class _TrainingConfig:
                 raise ConfigError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
         if not self.learning_rate > 0:  # type: ignore[attr-defined]
             raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
+        if not 0.0 <= self.ema < 1.0:  # type: ignore[attr-defined]
+            raise ConfigError(f"`ema` must be 0 (off) or a momentum in (0, 1), e.g. 0.99. Received: ema={self.ema}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -366,6 +368,10 @@ class SegmenterConfig(_TrainingConfig):
             on a validation-loss plateau) or ``constant``.
         warmup_epochs: linear warm-up epochs for ``cosine``.
         weight_decay: AdamW decoupled weight decay (0 for plain Adam).
+        ema: above 0, the momentum of an exponential moving average of the weights
+            (Polyak averaging, Keras' ``use_ema``), updated every step: validation, the
+            checkpoints and the final model use the averaged weights (``EMAWeights``).
+            0 disables.
         augment: paired augmentation of the training split.
         precision: ``float32``, ``mixed_bfloat16``, or ``auto`` (bf16 where the
             hardware has native bf16 math: a GPU, or a CPU with AVX512_BF16/AMX).
@@ -396,6 +402,7 @@ class SegmenterConfig(_TrainingConfig):
     schedule: str = "cosine"
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
+    ema: float = 0.0
     augment: bool = True
     precision: str = "auto"
     early_stopping_patience: int = 20
@@ -433,7 +440,7 @@ class ClassifierConfig(_TrainingConfig):
         batch_size: global batch size.
         learning_rate: learning rate of the head phase and of from-scratch training.
         fine_tune_learning_rate: learning rate of phase 2 with pre-trained weights.
-        schedule, warmup_epochs, weight_decay: as for the segmenter.
+        schedule, warmup_epochs, weight_decay, ema: as for the segmenter.
         label_smoothing: label smoothing of the cross-entropy.
         mask_loss_weight: above 0, multi-task training: a lesion head on the backbone's
             conv4/conv5 features learns the lesion mask (BCE + soft Dice, this weight) next
@@ -474,6 +481,7 @@ class ClassifierConfig(_TrainingConfig):
     schedule: str = "cosine"
     warmup_epochs: int = 1
     weight_decay: float = 1e-4
+    ema: float = 0.0
     label_smoothing: float = 0.1
     mask_loss_weight: float = 1.0
     lesion_pooling: bool = False

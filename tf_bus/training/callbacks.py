@@ -110,6 +110,31 @@ class TimeBudget(keras.callbacks.Callback):
             print(f"\nTimeBudget: {self.minutes:g} min reached after epoch {epoch + 1}; stopping.")
 
 
+class EMAWeights(keras.callbacks.SwapEMAWeights):
+    """``keras.callbacks.SwapEMAWeights(swap_on_epoch=True)`` for an optimizer with
+    ``use_ema=True``, made safe for runs that stop early.
+
+    Validation runs on the averaged weights, and so do the callbacks after this one in
+    ``fit``'s list from the end of each epoch on (put ``BestCheckpoint`` after it); the raw
+    weights come back when the next epoch starts. Keras' callback hands the averaged weights
+    to the model at the end of ``fit`` only when the last epoch runs: a run stopped by
+    ``EarlyStopping`` or ``TimeBudget`` would end on the raw weights (``fit`` copies the
+    optimizer's slots, which then hold the raw weights, into the model). This one also does
+    it when ``model.stop_training`` is set, so put the callbacks that stop training before
+    it, and ``BackupAndRestore`` before it too, so that a backup holds the raw weights and
+    the averages, each in its own place.
+    """
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = epoch == self.params["epochs"] - 1
+        super().on_epoch_end(epoch, logs)  # swaps the averages in; finalizes on the last epoch
+        if self.model.stop_training and not last:
+            self._finalize_ema_values()
+
+
 class MaskOverlays(keras.callbacks.Callback):
     """Writes image | truth | prediction strips of a fixed validation batch to TensorBoard.
 

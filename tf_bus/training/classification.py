@@ -26,7 +26,7 @@ import tensorflow as tf
 from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, LoaderConfig
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
-from tf_bus.training.callbacks import BestCheckpoint, TimeBudget, best_logged
+from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, TimeBudget, best_logged
 from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
 from tf_bus.training.precision import set_precision
 
@@ -146,7 +146,8 @@ def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, 
     if hasattr(f1, "_build"):  # F1Score makes its variables in its first update otherwise (a second trace)
         f1._build((None, n), (None, n))
     model.compile(
-        optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay),
+        optimizer=make_optimizer(lr, config.schedule, config.warmup_epochs, epochs, steps, config.weight_decay,
+                                 config.ema),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                  keras.metrics.CategoricalCrossentropy(name="ce"),
@@ -215,22 +216,25 @@ def train_classifier(
     mode = CLASSIFIER_MONITORS[config.monitor]
 
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
-        cbs = [
-            backup_and_restore(run_dir / backup, config.strategy),
+        # With --ema: the backup and the callbacks that stop training before EMAWeights, the
+        # checkpoint after it (see EMAWeights).
+        cbs: list[keras.callbacks.Callback] = [backup_and_restore(run_dir / backup, config.strategy), budget]
+        if config.early_stopping_patience:
+            cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
+                                                     patience=config.early_stopping_patience))
+        if config.ema:
+            cbs.append(EMAWeights())
+        cbs += [
             # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
             BestCheckpoint(run_dir / "best.keras", config.monitor, mode, to_save=inference_model,
                            initial=best_logged(run_dir / "history.csv", config.monitor, mode)),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
-            budget,
         ]
         if config.diagnostics:
             from tf_bus.training.diagnostics import TrainingDiagnostics
 
             cbs.append(TrainingDiagnostics(run_dir, sample))
-        if config.early_stopping_patience:
-            cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
-                                                     patience=config.early_stopping_patience))
         if config.schedule == "plateau":
             cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3))
         return cbs

@@ -13,17 +13,19 @@ from tf_bus.models.schedules import BudgetedCosine
 
 
 def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epochs: int,
-                   steps_per_epoch: int, weight_decay: float) -> keras.optimizers.Optimizer:
+                   steps_per_epoch: int, weight_decay: float, ema: float = 0.0) -> keras.optimizers.Optimizer:
     """AdamW (Adam when ``weight_decay`` is 0) with a ``cosine`` (linear warm-up, then
     cosine decay to 1%, by steps or by the time budget, whichever is further: see
     ``BudgetedCosine``), or a constant learning rate (``plateau``/``constant``: the
-    ReduceLROnPlateau callback does the rest)."""
+    ReduceLROnPlateau callback does the rest). ``ema`` above 0 keeps an exponential
+    moving average of the weights with that momentum (give ``fit`` an ``EMAWeights``)."""
     lr: Any = learning_rate
     if schedule == "cosine":
         lr = BudgetedCosine(learning_rate, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    averaging: dict[str, Any] = dict(use_ema=True, ema_momentum=ema) if ema > 0 else {}
     if weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
-    return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay, **averaging)
+    return keras.optimizers.Adam(learning_rate=lr, **averaging)
 
 
 def build_before_fit(model: keras.Model) -> None:

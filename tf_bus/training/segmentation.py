@@ -30,7 +30,7 @@ from tf_bus.io import write_json_atomic
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
-from tf_bus.training.callbacks import BestCheckpoint, MaskOverlays, TimeBudget, best_logged
+from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, MaskOverlays, TimeBudget, best_logged
 from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
 from tf_bus.training.precision import set_precision
 
@@ -106,7 +106,7 @@ def train_segmenter(
     with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
         model = build_segmenter(config, strategy.num_replicas_in_sync)
         model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
-                                                config.epochs, steps, config.weight_decay), loss=get_loss(config.loss),
+                                                config.epochs, steps, config.weight_decay, config.ema), loss=get_loss(config.loss),
                       metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
         build_before_fit(model)
     write_json_atomic(run_dir / "config.json", {
@@ -115,23 +115,26 @@ def train_segmenter(
     })
     logs = run_dir / "logs"
     budget = TimeBudget.for_config(config)
-    callbacks: list[keras.callbacks.Callback] = [
-        backup_and_restore(run_dir / "backup", config.strategy),
+    # Order matters with --ema: the backup and the callbacks that stop training come before
+    # EMAWeights, the checkpoint and the overlays after it (see EMAWeights).
+    callbacks: list[keras.callbacks.Callback] = [backup_and_restore(run_dir / "backup", config.strategy), budget]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
+                                                       patience=config.early_stopping_patience))
+    if config.ema:
+        callbacks.append(EMAWeights())
+    callbacks += [
         BestCheckpoint(run_dir / "best.keras", "val_dice", "max",
                        initial=best_logged(run_dir / "history.csv", "val_dice")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
                                     update_freq="epoch"),
         MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
-        budget,
     ]
     if config.diagnostics:
         from tf_bus.training.diagnostics import TrainingDiagnostics
 
         callbacks.append(TrainingDiagnostics(run_dir, (val_images[:8], val_masks[:8])))
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
-                                                       patience=config.early_stopping_patience))
     if config.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5,
                                                            min_lr=config.learning_rate * 0.01))
