@@ -12,6 +12,7 @@ from tf_bus.data.pipeline import (
     augment_pair,
     class_weights,
     classification_dataset,
+    count_segmentation_examples,
     detect_layout,
     segmentation_dataset,
 )
@@ -68,6 +69,21 @@ def test_segmentation_loader_masks_match_the_layout(source, prepared, synthetic_
     lesion = [n.decode().startswith(("benign", "malignant")) for n in names]
     assert all(m[i].sum() > 0 for i, les in enumerate(lesion) if les)
     assert all(m[i].sum() == 0 for i, les in enumerate(lesion) if not les)
+
+
+@pytest.mark.parametrize("source", SEG_SOURCES)
+def test_lesion_only_leaves_out_the_images_with_empty_masks(source, prepared, synthetic_release):
+    data = {"prepared": prepared, "segmentation": prepared / "segmentation", "release": synthetic_release}[source]
+    every = _collect(segmentation_dataset(data, "train", LoaderConfig(**SMALL), include_names=True, training=False,
+                                          splits_file=prepared / "splits.json"))
+    lesions = _collect(segmentation_dataset(data, "train", LoaderConfig(lesion_only=True, **SMALL), include_names=True,
+                                            training=False, splits_file=prepared / "splits.json"))
+    with_lesion = {n for n, m in zip(every[2], every[1]) if m.sum() > 0}
+    assert 0 < len(with_lesion) < len(every[2]), "the synthetic train split holds normal images"
+    assert set(lesions[2]) == with_lesion and all(m.sum() > 0 for m in lesions[1])
+    assert {n.decode().split(" ")[0] for n in lesions[2]} == {"benign", "malignant"}
+    assert count_segmentation_examples(data, "train", splits_file=prepared / "splits.json",
+                                       lesion_only=True) == len(with_lesion)
 
 
 @pytest.mark.parametrize("source", CLS_SOURCES)

@@ -95,6 +95,23 @@ def test_evaluate_cli_schema(tiny_run, prepared):
     assert (run / "eval_test" / "overlays.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_lesion_only_trains_without_normals_and_evaluation_still_scores_them(prepared, tmp_path):
+    from tf_bus.data.pipeline import count_segmentation_examples
+    from tf_bus.evaluation import evaluate_segmenter
+
+    run = tmp_path / "run"
+    summary = train_segmenter(prepared, run, tiny_config(epochs=1, lesion_only=True, diagnostics=False), verbose=0)
+    cfg, _ = load_run_config(run)
+    assert cfg.lesion_only is True
+    lesions = count_segmentation_examples(prepared, "train", lesion_only=True)
+    assert lesions < count_segmentation_examples(prepared, "train")
+    assert summary["train_images_per_second"] * summary["wall_seconds"] == pytest.approx(lesions, rel=0.01)
+    result = evaluate_segmenter(run, prepared, "test")
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert len(result["per_image"]) == sum(manifest["counts_before_balancing"]["test"].values())
+    assert result["aggregate"]["normal_images"]["n"] == manifest["counts_before_balancing"]["test"]["normal"] > 0
+
+
 def test_killed_run_resumes_from_its_last_epoch(prepared, tmp_path):
     run = tmp_path / "run"
     args = ["train-segmenter", "--data", str(prepared), "--out", str(run), "--epochs", "12", "--patience", "0",

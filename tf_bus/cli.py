@@ -418,6 +418,10 @@ def _add_train_segmenter(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")
+    p.add_argument("--lesion-only", action="store_true",
+                   help="train and validate on the images with a lesion only, leaving out the normal images (empty "
+                        "masks), as most published BUSI segmentation results do; evaluate-segmenter still scores "
+                        "every image, normal ones apart (default: every image)")
     _add_training_flags(p, d, "validation Dice")
     p.set_defaults(func=_cmd_train_segmenter)
 
@@ -429,7 +433,7 @@ def _cmd_train_segmenter(args) -> int:
     config = SegmenterConfig(
         image_size=args.image_size, channels=args.channels, depth=args.depth, base_filters=args.base_filters,
         dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, loss=args.loss,
-        epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold,
+        epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold, lesion_only=args.lesion_only,
         **_training_kwargs(args),
     )
     summary = train_segmenter(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,

@@ -268,6 +268,8 @@ class LoaderConfig:
         deterministic: keep element order fixed under parallel decoding.
         drop_remainder: drop the last, smaller batch.
         seed: seed of shuffling and augmentation.
+        lesion_only: segmentation only: keep the images whose mask marks a lesion (drops
+            BUSI's normal images, whose masks are empty).
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -283,6 +285,7 @@ class LoaderConfig:
     deterministic: bool = False
     drop_remainder: bool = False
     seed: int = 1337
+    lesion_only: bool = False
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
@@ -373,6 +376,9 @@ class SegmenterConfig(_TrainingConfig):
             checkpoints and the final model use the averaged weights (``EMAWeights``).
             0 disables.
         augment: paired augmentation of the training split.
+        lesion_only: train and validate on the images with a lesion only (BUSI's normal
+            images, whose masks are empty, left out: the protocol of most published BUSI
+            segmentation results). Evaluation still scores every image, normal ones apart.
         precision: ``float32``, ``mixed_bfloat16``, or ``auto`` (bf16 where the
             hardware has native bf16 math: a GPU, or a CPU with AVX512_BF16/AMX).
         early_stopping_patience: epochs without a better validation Dice before stopping
@@ -404,6 +410,7 @@ class SegmenterConfig(_TrainingConfig):
     weight_decay: float = 1e-4
     ema: float = 0.0
     augment: bool = True
+    lesion_only: bool = False
     precision: str = "auto"
     early_stopping_patience: int = 20
     time_budget_minutes: float = 38.0

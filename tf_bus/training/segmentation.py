@@ -92,14 +92,15 @@ def train_segmenter(
     # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no
     # rows are NaN), and multi-worker DATA sharding needs the same element order everywhere.
     distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1,
-                       deterministic=config.strategy == "multiworker")
+                       deterministic=config.strategy == "multiworker", lesion_only=config.lesion_only)
     train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                     training=True, splits_file=splits_file)
     val_ds = segmentation_dataset(data, "validation",
-                                  loader_config(config, deterministic=distributed["deterministic"]),
+                                  loader_config(config, deterministic=distributed["deterministic"],
+                                                lesion_only=config.lesion_only),
                                   training=False, splits_file=splits_file)
     steps = int(train_ds.cardinality())
-    n_train = count_segmentation_examples(data, "train", splits_file=splits_file)
+    n_train = count_segmentation_examples(data, "train", splits_file=splits_file, lesion_only=config.lesion_only)
     val_images, val_masks = next(iter(val_ds))
     if config.strategy == "multiworker":
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
