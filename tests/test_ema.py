@@ -102,3 +102,21 @@ def test_segmenter_run_stopped_by_its_budget_ends_on_the_averages(prepared, tmp_
 def test_bad_momentum_is_refused(cls, ema):
     with pytest.raises(ConfigError, match=f"Received: ema={ema}"):
         cls(ema=ema)
+
+
+@pytest.mark.slow
+def test_classifier_run_stopped_by_its_budget_ends_on_the_averages(prepared, tmp_path):
+    """As for the U-Net: the saved classifiers (best.keras by validation, last.keras at the
+    end) are the same averaged weights when the budget stops the run after one epoch."""
+    from tf_bus.training.classification import train_classifier
+
+    run = tmp_path / "run"
+    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=2, warmup_epochs=0, ema=0.9,
+                              time_budget_minutes=1e-4, diagnostics=False)
+    summary = train_classifier(prepared, run, config, verbose=0)
+    assert summary["stopped_by_time_budget"] and summary["epochs_run_in_this_fit"] == 1
+    best = keras.saving.load_model(run / "best.keras").get_weights()
+    last = keras.saving.load_model(run / "last.keras").get_weights()
+    assert len(best) == len(last) > 100
+    for b, l in zip(best, last):
+        np.testing.assert_array_equal(b, l)
