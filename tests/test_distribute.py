@@ -74,3 +74,31 @@ def test_multiworker_tuning_refuses_kerastuner_distributed_tuning(monkeypatch, p
     with pytest.raises(TfBusError, match="cannot be combined with KerasTuner's distributed tuning"):
         tune_classifier(prepared, tmp_path / "tune", TuneConfig(base=ClassifierConfig(strategy="multiworker")))
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("batch,examples,replicas,expected", [
+    (8, 88, 1, (8, False)),   # one device: as given
+    (8, 5, 1, (8, False)),
+    (8, 88, 2, (8, False)),   # 11 full batches
+    (8, 6, 2, (6, False)),    # one batch of 6: 3 + 3
+    (8, 11, 2, (8, False)),   # 8 + 3: the last batch still gives each replica an image
+    (8, 73, 2, (8, True)),    # every even batch size leaves 1 image over: it is left out
+    (8, 5, 2, (4, True)),
+    (16, 88, 4, (16, False)),  # 5 x 16 + 8
+])
+def test_validation_batches_split_over_the_replicas(batch, examples, replicas, expected):
+    from tf_bus.training.distribute import validation_batching
+
+    size, drop = validation_batching(batch, examples, replicas)
+    assert (size, drop) == expected
+    if replicas > 1:
+        batches = [size] * (examples // size) + ([] if drop or examples % size == 0 else [examples % size])
+        assert batches[0] % replicas == 0 and all(b >= replicas for b in batches)
+        assert examples - sum(batches) < replicas
+
+
+def test_a_validation_split_smaller_than_the_replicas_is_refused():
+    from tf_bus.training.distribute import validation_batching
+
+    with pytest.raises(ConfigError, match="fewer than the 4 replicas"):
+        validation_batching(8, 3, 4)

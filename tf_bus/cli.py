@@ -418,10 +418,12 @@ def _add_train_segmenter(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")
-    p.add_argument("--lesion-only", action="store_true",
+    p.add_argument("--lesion-only", action=argparse.BooleanOptionalAction, default=d.lesion_only,
                    help="train and validate on the images with a lesion only, leaving out the normal images (empty "
                         "masks), as most published BUSI segmentation results do; evaluate-segmenter still scores "
-                        "every image, normal ones apart (default: every image)")
+                        "every image, normal ones apart. --no-lesion-only trains on every image, which teaches the "
+                        "model to leave normal images empty but makes it miss more lesions "
+                        f"(default: {'on' if d.lesion_only else 'off'})")
     _add_training_flags(p, d, "validation Dice")
     p.set_defaults(func=_cmd_train_segmenter)
 

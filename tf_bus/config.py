@@ -379,6 +379,9 @@ class SegmenterConfig(_TrainingConfig):
         lesion_only: train and validate on the images with a lesion only (BUSI's normal
             images, whose masks are empty, left out: the protocol of most published BUSI
             segmentation results). Evaluation still scores every image, normal ones apart.
+            On by default since two pairs of real runs gained 0.04 and 0.06 test Dice on
+            lesion images with it (README, U-Net results); the model then marks some false
+            area on most normal images. Configs saved before the field existed mean False.
         precision: ``float32``, ``mixed_bfloat16``, or ``auto`` (bf16 where the
             hardware has native bf16 math: a GPU, or a CPU with AVX512_BF16/AMX).
         early_stopping_patience: epochs without a better validation Dice before stopping
@@ -410,7 +413,7 @@ class SegmenterConfig(_TrainingConfig):
     weight_decay: float = 1e-4
     ema: float = 0.0
     augment: bool = True
-    lesion_only: bool = False
+    lesion_only: bool = True  # two pairs of real runs: +0.04, +0.06 test Dice (README, U-Net results)
     precision: str = "auto"
     early_stopping_patience: int = 20
     time_budget_minutes: float = 38.0
@@ -419,6 +422,13 @@ class SegmenterConfig(_TrainingConfig):
     profile_batches: tuple[int, int] | None = None
     diagnostics: bool = True
     strategy: str = "default"
+
+    # Fields added after run folders were first written, with what a saved config without them meant.
+    _SAVED_BEFORE = {"lesion_only": False}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
+        return super().from_dict({**cls._SAVED_BEFORE, **d})
 
     def __post_init__(self) -> None:
         self._check_common()

@@ -106,7 +106,7 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
     last partial training batch is dropped (no replica may get an empty batch); under
     ``multiworker`` the order is deterministic and each worker keeps its rows of every
     global batch (``shard_by_data``)."""
-    from tf_bus.training.distribute import shard_by_data
+    from tf_bus.training.distribute import shard_by_data, validation_batching
 
     from tf_bus.data.pipeline import class_weights, classification_dataset, detect_layout, list_classification, list_release
 
@@ -117,8 +117,11 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
     include_aug = balance == "layout"
     if kind == "classification":
         n_train = len(list_classification(root, "train", include_augmented=include_aug)[0])
+        n_val = len(list_classification(root, "validation")[0])
     else:
         n_train = len(list_release(root, "train", splits_file=splits_file)[0])
+        n_val = len(list_release(root, "validation", splits_file=splits_file)[0])
+    val_batch, val_drop = validation_batching(config.batch_size, n_val, replicas)
     multiworker = config.strategy == "multiworker"
     masks = config.mask_loss_weight > 0
     train_ds = _one_hot(classification_dataset(
@@ -128,7 +131,9 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
         balanced=balance == "sampling", include_augmented=include_aug, with_masks=masks))
     if config.mixup > 0:
         train_ds = mixup(train_ds, config.mixup, config.seed + 1)  # + 1: not the augmentation's stream
-    val_ds = _one_hot(classification_dataset(data, "validation", loader_config(config, deterministic=multiworker),
+    val_ds = _one_hot(classification_dataset(data, "validation",
+                                             loader_config(config, deterministic=multiworker, batch_size=val_batch,
+                                                           drop_remainder=val_drop),
                                              training=False, splits_file=splits_file, with_masks=masks))
     if multiworker:
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)

@@ -293,6 +293,27 @@ def check_global_batch(batch_size: int, replicas: int) -> None:
                           f"{replicas} replicas of the strategy; use a multiple of {replicas}.")
 
 
+def validation_batching(batch_size: int, examples: int, replicas: int) -> tuple[int, bool]:
+    """``(batch size, drop_remainder)`` of the validation split under ``replicas`` replicas.
+
+    Under a strategy every validation batch is split over the replicas, and two splits fail:
+    Keras 3 builds the distributed model from the first batch averaged over the replicas
+    (unequal shares: "AddN ... must have the same size"), and a replica given no image fails
+    in BatchNormalization. So every batch is a multiple of ``replicas`` except a last one of
+    at least ``replicas`` images: the largest such batch size up to ``batch_size``. Where none
+    exists, the last batch (fewer than ``replicas`` images) is left out."""
+    if replicas <= 1:
+        return batch_size, False
+    if examples < replicas:
+        raise ConfigError(f"The validation split holds {examples} image(s), fewer than the {replicas} replicas "
+                          "of the strategy; use fewer replicas or a larger validation split.")
+    largest = min(batch_size, examples) // replicas * replicas
+    for b in range(largest, 0, -replicas):
+        if examples % b == 0 or examples % b >= replicas:
+            return b, False
+    return largest, True
+
+
 def worker_run_dir(run_dir, strategy_name: str):
     """Where this process writes: RUN_DIR, except for a non-chief worker of a multi-worker
     run: RUN_DIR/workers/<type>-<index>, so that the RUN_DIR a user reads is the chief's and

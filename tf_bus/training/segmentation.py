@@ -69,13 +69,13 @@ def train_segmenter(
         verbose: Keras ``fit`` verbosity (1: progress bar).
 
     Returns:
-        A summary dict (best validation Dice and its epoch, epochs run, wall time,
-        training images/s, precision), also saved in ``history.json``.
+        A summary dict (best validation Dice and its epoch, epochs run, wall time, training
+        images and images/s, precision), also saved in ``history.json``.
     """
     from tf_bus.data.pipeline import count_segmentation_examples, segmentation_dataset
 
     from tf_bus.training.distribute import (backup_and_restore, check_global_batch, make_strategy, shard_by_data,
-                                            worker_failures, worker_run_dir)
+                                            validation_batching, worker_failures, worker_run_dir)
 
     config = config or SegmenterConfig()
     # First: a multi-worker strategy must exist before TensorFlow runs any op.
@@ -95,9 +95,15 @@ def train_segmenter(
                        deterministic=config.strategy == "multiworker", lesion_only=config.lesion_only)
     train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                     training=True, splits_file=splits_file)
+    n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
+    val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
+    if val_drop:
+        print(f"tf-bus: {n_val % val_batch} validation image(s) left out: {n_val} do not split into batches "
+              f"over {strategy.num_replicas_in_sync} replicas.")
     val_ds = segmentation_dataset(data, "validation",
                                   loader_config(config, deterministic=distributed["deterministic"],
-                                                lesion_only=config.lesion_only),
+                                                lesion_only=config.lesion_only, batch_size=val_batch,
+                                                drop_remainder=val_drop),
                                   training=False, splits_file=splits_file)
     steps = int(train_ds.cardinality())
     n_train = count_segmentation_examples(data, "train", splits_file=splits_file, lesion_only=config.lesion_only)
@@ -158,6 +164,7 @@ def train_segmenter(
         "resumed": resuming,
         "stopped_by_time_budget": budget.stopped_epoch is not None,
         "wall_seconds": round(wall, 1),
+        "train_images": n_train,
         "train_images_per_second": round(epochs_run * n_train / wall, 2) if wall > 0 and epochs_run else None,
         "precision": policy,
     }
