@@ -49,6 +49,9 @@ ERRORS = [
     (["synth", "{tmp}/s", "--n", "3"], "at least 9"),
     (["prepare", "{release}", "{tmp}/o", "--split", "0.5,0.5,0.5"], "must add up to 1"),
     (["prepare", "{release}", "{tmp}/o", "--near-threshold", "1.5"], "near_threshold"),
+    (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--zoom", "1.5"], "(flag --zoom) must be within [0, 1)"),
+    (["train-classifier", "--data", "{release}", "--out", "{tmp}/r", "--rotation-deg", "-5"],
+     "(flag --rotation-deg) must be within [0, 180)"),
 ]
 
 

@@ -148,6 +148,30 @@ def test_training_stream_is_augmented_and_varies_by_epoch(prepared):
     assert not np.allclose(e1, plain) and not np.allclose(e1, e2)
 
 
+NO_CHANGE = AugmentConfig(horizontal_flip=False, rotation_deg=0, zoom=0, translate=0, brightness=0, contrast=0)
+
+
+@pytest.mark.parametrize("trainer", ["segmentation", "classification"])
+def test_the_trainers_augmentation_ranges_reach_the_loader(trainer, prepared):
+    import importlib
+
+    from tf_bus.config import ClassifierConfig, SegmenterConfig
+
+    module = importlib.import_module(f"tf_bus.training.{trainer}")
+    cls = SegmenterConfig if trainer == "segmentation" else ClassifierConfig
+    load = segmentation_dataset if trainer == "segmentation" else classification_dataset
+
+    def first_batch(augmentation, augment):
+        cfg = cls(image_size=(48, 48), batch_size=4, augmentation=augmentation)
+        loader = module.loader_config(cfg, augment=augment, shuffle=False, deterministic=True)
+        assert loader.augmentation == augmentation
+        return next(iter(load(prepared, "train", loader, training=True)))[0].numpy()
+
+    plain = first_batch(NO_CHANGE, augment=False)
+    np.testing.assert_array_equal(first_batch(NO_CHANGE, augment=True), plain)  # zero ranges: nothing changes
+    assert not np.allclose(first_batch(AugmentConfig(horizontal_flip=False, brightness=0.3), augment=True), plain)
+
+
 def test_deterministic_order_with_a_seed(prepared):
     cfg = LoaderConfig(**SMALL, deterministic=True, seed=11)
     a = _collect(classification_dataset(prepared, "train", cfg, include_names=True))[2]
@@ -208,3 +232,15 @@ def test_loader_errors_are_clear(call, message, prepared, synthetic_release):
 def test_bad_loader_config(kwargs):
     with pytest.raises(ConfigError, match="Received"):
         LoaderConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(zoom=1.0), r"`zoom` \(flag --zoom\) must be within \[0, 1\)"),
+    (dict(rotation_deg=-1), r"`rotation_deg` \(flag --rotation-deg\) must be within \[0, 180\)"),
+    (dict(translate=0.5), r"`translate` .* \[0, 0.5\)"),
+    (dict(brightness=2), r"`brightness` .* Received: brightness=2.0"),
+    (dict(contrast=1.5), r"`contrast` .* Received: contrast=1.5"),
+])
+def test_bad_augmentation_ranges(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        AugmentConfig(**kwargs)

@@ -14,7 +14,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from tf_bus.config import ConfigError, SegmenterConfig
+from tf_bus.config import AugmentConfig, ClassifierConfig, ConfigError, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.training.precision import cpu_has_native_bf16, resolve_precision
 from tf_bus.training.segmentation import load_run_config, train_segmenter
@@ -137,12 +137,24 @@ def test_killed_run_resumes_from_its_last_epoch(prepared, tmp_path):
     assert epochs[:done] == list(range(done)), "completed epochs kept"
 
 
-def test_lesion_only_is_the_default_but_not_for_runs_saved_before_it():
+AUGMENT_BEFORE = AugmentConfig(rotation_deg=10, zoom=0.1, translate=0.05, brightness=0.1, contrast=0.1)
+SAVED_BEFORE = [  # a config.json written before the field existed, and what that run did
+    (SegmenterConfig, "lesion_only", False),  # those runs trained on every image
+    (SegmenterConfig, "augmentation", AUGMENT_BEFORE),
+    (ClassifierConfig, "augmentation", AUGMENT_BEFORE),
+]
+
+
+@pytest.mark.parametrize("cls,name,before", SAVED_BEFORE)
+def test_fields_added_later_read_as_what_older_runs_did(cls, name, before):
+    saved = cls().to_dict()
+    assert cls.from_dict(saved) == cls(), "a round trip keeps today's values"
+    del saved[name]
+    assert getattr(cls.from_dict(saved), name) == before
+
+
+def test_lesion_only_is_the_default():
     assert SegmenterConfig().lesion_only is True
-    saved = SegmenterConfig().to_dict()
-    assert SegmenterConfig.from_dict(saved).lesion_only is True
-    del saved["lesion_only"]  # a config.json written before the field existed: those runs trained on every image
-    assert SegmenterConfig.from_dict(saved).lesion_only is False
 
 
 def test_bad_config_values():

@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from tf_bus.config import ConfigError
+from tf_bus.config import AugmentConfig, ConfigError
 
 
 def _positive_int(text: str) -> int:
@@ -356,6 +357,17 @@ def _add_training_flags(p, d, monitored: str) -> None:
                         "every step; validation, best.keras and last.keras then use the averaged weights; 0 is off "
                         f"(default: {d.ema:g})")
     p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
+    a = d.augmentation
+    p.add_argument("--rotation-deg", type=float, default=a.rotation_deg, metavar="DEG",
+                   help=f"augmentation: largest rotation either way, degrees (default: {a.rotation_deg:g})")
+    p.add_argument("--zoom", type=float, default=a.zoom,
+                   help=f"augmentation: largest zoom in or out, as a fraction (0.2: 80%%..120%%) (default: {a.zoom:g})")
+    p.add_argument("--translate", type=float, default=a.translate,
+                   help=f"augmentation: largest shift, as a fraction of the side (default: {a.translate:g})")
+    p.add_argument("--brightness", type=float, default=a.brightness,
+                   help=f"augmentation: largest brightness change, on the [0, 1] pixel scale (default: {a.brightness:g})")
+    p.add_argument("--contrast", type=float, default=a.contrast,
+                   help=f"augmentation: largest relative contrast change (0.25: 75%%..125%%) (default: {a.contrast:g})")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
@@ -376,6 +388,15 @@ def _add_training_flags(p, d, monitored: str) -> None:
     p.add_argument("--no-diagnostics", action="store_true",
                    help="turn off the training diagnostics (vanishing/exploding gradients, overfit, poor "
                         "initialisation, stalled loss; report in RUN_DIR/diagnostics.md)")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="K-fold cross-validation instead of one run (K >= 2): the split's duplicate groups are dealt "
+                        "into K class-stratified folds; RUN_DIR/fold_<k>/ trains on the other folds (less a "
+                        "validation share) and is scored on fold k as the evaluate command does (with --tta); "
+                        "RUN_DIR/cross_validation.json pools every case's scores. Needs a raw release or a "
+                        "`tf-bus prepare` output as --data; K runs take K times as long (default: 0, one run)")
+    p.add_argument("--fold-validation", type=float, default=0.10, metavar="FRACTION",
+                   help="with --folds: each fold's validation share of all cases (0.10 with 5 folds leaves 70%% for "
+                        "training, as the default split does) (default: 0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
 
@@ -383,9 +404,32 @@ def _add_training_flags(p, d, monitored: str) -> None:
 def _training_kwargs(args) -> dict:
     """Config fields set by ``_add_training_flags``."""
     return dict(batch_size=args.batch_size, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                weight_decay=args.weight_decay, ema=args.ema, augment=not args.no_augment, precision=args.precision,
+                weight_decay=args.weight_decay, ema=args.ema, augment=not args.no_augment,
+                augmentation=AugmentConfig(rotation_deg=args.rotation_deg, zoom=args.zoom, translate=args.translate,
+                                           brightness=args.brightness, contrast=args.contrast),
+                precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
                 profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
+
+
+def _train_or_cross_validate(kind: str, train, args, config) -> int:
+    """One run of ``train`` into --out, or with --folds a cross-validation; prints the summary."""
+    verbose = 2 if args.quiet else 1
+    if not args.folds:
+        summary = train(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite, verbose=verbose)
+        print(json.dumps(summary, indent=2))
+        return 0
+    from tf_bus.training.cross_validation import cross_validate
+
+    if config.strategy == "multiworker":
+        raise ConfigError("--folds runs the folds one after another in this process; it does not combine with "
+                          "--strategy multiworker (cross-validate on one host, or train the folds' splits.json "
+                          "files as separate multi-worker runs)")
+    summary = cross_validate(kind, args.data, args.out, config, folds=args.folds, validation=args.fold_validation,
+                             splits_file=args.splits, overwrite=args.overwrite, verbose=verbose)
+    print(json.dumps({k: summary[k] for k in ("pooled", "fold_mean", "fold_std", "folds")}, indent=2))
+    print(f"per-case scores of every fold -> {Path(args.out) / 'cross_validation.json'}")
+    return 0
 
 
 def _add_train_segmenter(sub) -> None:
@@ -438,10 +482,7 @@ def _cmd_train_segmenter(args) -> int:
         epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold, lesion_only=args.lesion_only,
         **_training_kwargs(args),
     )
-    summary = train_segmenter(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
-                              verbose=2 if args.quiet else 1)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _train_or_cross_validate("segmenter", train_segmenter, args, config)
 
 
 def _add_evaluate_segmenter(sub) -> None:
@@ -556,10 +597,7 @@ def _cmd_train_classifier(args) -> int:
         mask_loss_weight=args.mask_loss_weight, lesion_pooling=args.lesion_pooling, mixup=args.mixup,
         bn_momentum=args.bn_momentum, balance=args.balance, monitor=args.monitor, **_training_kwargs(args),
     )
-    summary = train_classifier(args.data, args.out, config, splits_file=args.splits, overwrite=args.overwrite,
-                               verbose=2 if args.quiet else 1)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _train_or_cross_validate("classifier", train_classifier, args, config)
 
 
 def _add_evaluate_classifier(sub) -> None:
@@ -689,8 +727,6 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from pathlib import Path
-
     from tf_bus.data.busi import TfBusError
     from tf_bus.serving.client import ServingClientError, predict_images
 

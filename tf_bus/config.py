@@ -248,6 +248,21 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
 
+    def __post_init__(self) -> None:
+        limits = {"rotation_deg": 180.0, "zoom": 1.0, "translate": 0.5, "brightness": 1.0, "contrast": 1.0}
+        for name, high in limits.items():
+            value = float(getattr(self, name))
+            if not 0.0 <= value < high:
+                raise ConfigError(f"augmentation `{name}` (flag --{name.replace('_', '-')}) must be within [0, {high:g}). "
+                                  f"Received: {name}={value}")
+            setattr(self, name, value)
+
+
+#: The augmentation every run used before its ranges were saved in config.json.
+AUGMENTATION_BEFORE_CONFIGURABLE: dict[str, Any] = {
+    "horizontal_flip": True, "vertical_flip": False, "rotation_deg": 10.0, "zoom": 0.1, "translate": 0.05,
+    "brightness": 0.1, "contrast": 0.1}
+
 
 @dataclass
 class LoaderConfig:
@@ -317,8 +332,13 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 class _TrainingConfig:
     """What every trainer config shares: validation of the common fields, dict round trip."""
 
+    #: Fields added after run folders were first written, with what a saved config without them meant.
+    _SAVED_BEFORE: dict[str, Any] = {}
+
     def _check_common(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[attr-defined]
+        if isinstance(self.augmentation, dict):  # type: ignore[attr-defined]
+            self.augmentation = AugmentConfig(**self.augmentation)  # type: ignore[attr-defined]
         if self.profile_batches is not None:  # type: ignore[attr-defined]
             self.profile_batches = tuple(int(b) for b in self.profile_batches)  # type: ignore[attr-defined]
             if len(self.profile_batches) != 2 or not 0 < self.profile_batches[0] <= self.profile_batches[1]:
@@ -350,7 +370,7 @@ class _TrainingConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"Unknown {cls.__name__} field(s) {sorted(unknown)}. Known: {sorted(known)}")
-        return cls(**d)
+        return cls(**{**cls._SAVED_BEFORE, **d})
 
 
 @dataclass
@@ -376,6 +396,8 @@ class SegmenterConfig(_TrainingConfig):
             checkpoints and the final model use the averaged weights (``EMAWeights``).
             0 disables.
         augment: paired augmentation of the training split.
+        augmentation: its ranges (``AugmentConfig``: flips, rotation, zoom, shift,
+            brightness, contrast).
         lesion_only: train and validate on the images with a lesion only (BUSI's normal
             images, whose masks are empty, left out: the protocol of most published BUSI
             segmentation results). Evaluation still scores every image, normal ones apart.
@@ -414,6 +436,7 @@ class SegmenterConfig(_TrainingConfig):
     weight_decay: float = 1e-4
     ema: float = 0.0
     augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     lesion_only: bool = True  # three pairs of real runs: +0.04, +0.06, +0.02 test Dice (README)
     precision: str = "auto"
     early_stopping_patience: int = 20
@@ -424,12 +447,7 @@ class SegmenterConfig(_TrainingConfig):
     diagnostics: bool = True
     strategy: str = "default"
 
-    # Fields added after run folders were first written, with what a saved config without them meant.
-    _SAVED_BEFORE = {"lesion_only": False}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
-        return super().from_dict({**cls._SAVED_BEFORE, **d})
+    _SAVED_BEFORE = {"lesion_only": False, "augmentation": AUGMENTATION_BEFORE_CONFIGURABLE}
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -481,7 +499,7 @@ class ClassifierConfig(_TrainingConfig):
             lesion loss; lower is better) or ``val_f1`` (validation macro-F1). On 88
             validation images macro-F1 jumps by 0.05 from epoch to epoch; the
             cross-entropy, a proper scoring rule, moves smoothly.
-        augment, precision, early_stopping_patience, time_budget_minutes, seed,
+        augment, augmentation, precision, early_stopping_patience, time_budget_minutes, seed,
         profile_batches, diagnostics: as for the segmenter (early stopping on ``monitor``).
     """
 
@@ -507,6 +525,7 @@ class ClassifierConfig(_TrainingConfig):
     bn_momentum: float = 0.9
     balance: str = "layout"
     augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     precision: str = "auto"
     monitor: str = "val_ce"
     early_stopping_patience: int = 10
@@ -515,6 +534,8 @@ class ClassifierConfig(_TrainingConfig):
     profile_batches: tuple[int, int] | None = None
     diagnostics: bool = True
     strategy: str = "default"
+
+    _SAVED_BEFORE = {"augmentation": AUGMENTATION_BEFORE_CONFIGURABLE}
 
     def __post_init__(self) -> None:
         self._check_common()

@@ -102,7 +102,7 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray, *, with_hd95: bool = True)
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:
-    v = np.asarray([x for x in values if not math.isnan(x)], np.float64)
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
     if not v.size:
         return {"n": 0}
     return {"n": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
@@ -110,7 +110,8 @@ def _stats(values: list[float]) -> dict[str, float | int]:
 
 
 def aggregate_mask_metrics(per_image: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means (and medians, spread) over lesion images; normal images reported apart."""
+    """Means (and medians, spread) over lesion images; normal images reported apart. An
+    undefined metric may be NaN or None (as ``metrics.json`` stores it)."""
     lesion = [r for r in per_image if r["lesion"]]
     normal = [r for r in per_image if not r["lesion"]]
     out: dict[str, Any] = {
@@ -121,7 +122,7 @@ def aggregate_mask_metrics(per_image: list[dict[str, Any]]) -> dict[str, Any]:
             "fp_area_fraction": _stats([r["fp_area_fraction"] for r in normal]),
         },
     }
-    out["lesion_images"]["hd95_undefined"] = sum(1 for r in lesion if math.isnan(r["hd95"]))
+    out["lesion_images"]["hd95_undefined"] = sum(1 for r in lesion if r["hd95"] is None or math.isnan(r["hd95"]))
     return out
 
 
@@ -277,8 +278,7 @@ def evaluate_segmenter(
         m = mask_metrics(mask, truth)
         per_image.append({"name": name, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                            for k, v in m.items()}})
-    agg = aggregate_mask_metrics([{**r, **{k: (math.nan if r[k] is None else r[k]) for k in METRIC_KEYS}}
-                                  for r in per_image])
+    agg = aggregate_mask_metrics(per_image)
     out_dir = run_dir / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {

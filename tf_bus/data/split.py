@@ -148,19 +148,14 @@ def _group_label(members: list[str]) -> str:
     return max(CLASS_NAMES, key=lambda c: (counts.get(c, 0), -CLASS_NAMES.index(c)))
 
 
-def assign_splits(groups: list[list[str]], config: SplitConfig | None = None) -> dict[str, str]:
-    """Assigns whole duplicate groups to splits, stratified by class.
+def _assign_stratified(groups: list[list[str]], targets: dict[str, float], seed: int) -> dict[str, str]:
+    """Whole groups to the bins of ``targets`` ({bin: fraction}), stratified by class.
 
-    Within each class, groups are shuffled with ``config.seed``, then placed largest
-    first into the split whose case count is furthest below its target. Deterministic
-    for a given seed and set of groups.
-
-    Returns:
-        ``{case_id: split}`` for every case of every group.
+    Within each class, groups are shuffled with ``seed``, then placed largest first into
+    the bin whose case count is furthest below its target; ties go to the bin listed first.
     """
-    config = config or SplitConfig()
-    fractions = config.fractions()
-    rng = random.Random(config.seed)
+    rng = random.Random(seed)
+    names = list(targets)
     by_class: dict[str, list[list[str]]] = collections.defaultdict(list)
     for g in sorted(groups, key=lambda g: sorted(g)[0]):
         by_class[_group_label(g)].append(sorted(g))
@@ -170,17 +165,28 @@ def assign_splits(groups: list[list[str]], config: SplitConfig | None = None) ->
         rng.shuffle(class_groups)
         class_groups.sort(key=len, reverse=True)  # stable: shuffled order within a size
         total = sum(len(g) for g in class_groups)
-        placed = {s: 0 for s in SPLITS}
+        placed = {s: 0 for s in names}
         for g in class_groups:
-            # Deficit relative to target; ties go to train, then validation, then test.
-            split = max(
-                (s for s in SPLITS if fractions[s] > 0),
-                key=lambda s: (fractions[s] * total - placed[s], -SPLITS.index(s)),
-            )
-            placed[split] += len(g)
+            chosen = max((s for s in names if targets[s] > 0),
+                         key=lambda s: (targets[s] * total - placed[s], -names.index(s)))
+            placed[chosen] += len(g)
             for cid in g:
-                assignment[cid] = split
+                assignment[cid] = chosen
     return assignment
+
+
+def assign_splits(groups: list[list[str]], config: SplitConfig | None = None) -> dict[str, str]:
+    """Assigns whole duplicate groups to splits, stratified by class.
+
+    Within each class, groups are shuffled with ``config.seed``, then placed largest
+    first into the split whose case count is furthest below its target (ties: train,
+    then validation, then test). Deterministic for a given seed and set of groups.
+
+    Returns:
+        ``{case_id: split}`` for every case of every group.
+    """
+    config = config or SplitConfig()
+    return _assign_stratified(groups, config.fractions(), config.seed)
 
 
 @dataclass
@@ -224,6 +230,46 @@ def make_split(
     split_config = split_config or SplitConfig()
     dups = find_duplicates(infos, duplicate_config)
     return SplitPlan(assign_splits(dups.groups, split_config), split_config, dups, source)
+
+
+def cross_validation_plans(plan: SplitPlan, folds: int, *, validation: float | None = None) -> list[SplitPlan]:
+    """``folds`` leak-free plans in which every case is in the test split exactly once.
+
+    The duplicate groups of ``plan`` (each case not in one is a group of its own) are
+    dealt into ``folds`` class-stratified folds, whole groups at a time, with the plan's
+    seed. In plan ``k`` fold ``k`` is the test split; the other folds' groups are split
+    again, stratified, into train and a validation split of ``validation`` of all cases
+    (default: the plan's validation fraction).
+
+    Raises:
+        TfBusError: fewer than 2 folds, more folds than groups in a class, or no room
+            left for training.
+    """
+    validation = plan.config.validation if validation is None else validation
+    if folds < 2:
+        raise TfBusError(f"cross-validation needs at least 2 folds. Received: folds={folds}")
+    grouped = [sorted(g) for g in (plan.duplicates.groups if plan.duplicates else [])]
+    seen = {c for g in grouped for c in g}
+    groups = grouped + [[c] for c in sorted(plan.assignment) if c not in seen]
+    per_class = collections.Counter(_group_label(g) for g in groups)
+    short = {c: n for c, n in per_class.items() if n < folds}
+    if short:
+        raise TfBusError(f"{folds} folds need at least {folds} independent cases per class; "
+                         f"{', '.join(f'{c} has {n}' for c, n in sorted(short.items()))}. Use fewer folds.")
+    train = 1.0 - 1.0 / folds - validation
+    if not 0.0 < train < 1.0 or validation <= 0:
+        raise TfBusError(f"with {folds} folds a validation fraction of {validation:g} leaves {train:g} "
+                         "of the cases for training. Use fewer folds or a smaller validation fraction.")
+    fold_of = _assign_stratified(groups, {f"fold{k}": 1.0 / folds for k in range(folds)}, plan.config.seed)
+    plans = []
+    for k in range(folds):
+        rest = [g for g in groups if fold_of[g[0]] != f"fold{k}"]
+        shares = {"train": train / (train + validation), "validation": validation / (train + validation)}
+        assignment = _assign_stratified(rest, shares, plan.config.seed + k)
+        assignment.update({c: "test" for g in groups if fold_of[g[0]] == f"fold{k}" for c in g})
+        config = SplitConfig(train=train, validation=validation, test=1.0 - train - validation, seed=plan.config.seed)
+        plans.append(SplitPlan(dict(sorted(assignment.items())), config, plan.duplicates, plan.source))
+    return plans
 
 
 def save_splits(plan: SplitPlan, path: str | os.PathLike) -> None:

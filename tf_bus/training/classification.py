@@ -34,7 +34,7 @@ from tf_bus.training.precision import set_precision
 def loader_config(config: ClassifierConfig, **overrides) -> LoaderConfig:
     """The loader settings a classifier run uses: raw [0, 255] pixels (the model preprocesses)."""
     base = dict(image_size=config.image_size, channels=config.channels, scale="raw",
-                batch_size=config.batch_size, seed=config.seed)
+                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation)
     return LoaderConfig(**{**base, **overrides})
 
 

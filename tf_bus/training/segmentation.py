@@ -38,7 +38,7 @@ from tf_bus.training.precision import set_precision
 def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
     """The loader settings a segmenter run uses (one place, for training and evaluation)."""
     base = dict(image_size=config.image_size, channels=config.channels, scale="unit",
-                batch_size=config.batch_size, seed=config.seed)
+                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation)
     return LoaderConfig(**{**base, **overrides})
 
 
