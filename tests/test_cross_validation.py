@@ -103,6 +103,11 @@ def test_segmenter_folds_pool_every_case_and_resume(synthetic_release, tmp_path)
 
     r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG, "--seed", "5")
     assert r.returncode == 2 and "holds a cross-validation with other settings" in r.stderr
+    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG, "--seed", "5",
+             "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all((cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns != best[k] for k in range(2)), "trained again"
+    assert json.loads((cv / "config.json").read_text())["config"]["seed"] == 5
 
 
 def _load(path):

@@ -95,7 +95,9 @@ def cross_validate(
             prepared folder's, or computed as `tf-bus prepare` does).
         tta: flip test-time augmentation when scoring (and, for the segmenter, when
             choosing the threshold and post-processing on validation).
-        overwrite: replace a cross-validation with other settings in ``cv_dir``.
+        overwrite: replace what ``cv_dir`` holds (its folds are trained again); without
+            it, a cross-validation with the same settings resumes and one with other
+            settings is refused.
 
     Returns:
         What ``cross_validation.json`` holds: ``pooled`` (the evaluate command's aggregate
@@ -113,7 +115,7 @@ def cross_validate(
     record = {"kind": kind, "config": json.loads(json.dumps(config.to_dict())), "data": str(release),
               "folds": folds, "validation": validation, "tta": tta}
     saved = cv_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != record:
+    if saved.exists() and (overwrite or json.loads(saved.read_text()) != record):
         if not overwrite:
             raise TfBusError(f"{cv_dir}: holds a cross-validation with other settings; pass the same flags to "
                              "resume it, --overwrite to replace it, or another --out.")
