@@ -86,11 +86,13 @@ def test_multiworker_tuning_refuses_kerastuner_distributed_tuning(monkeypatch, p
     (8, 5, 2, (4, True)),
     (16, 88, 4, (16, False)),  # 5 x 16 + 8
 ])
-def test_validation_batches_split_over_the_replicas(batch, examples, replicas, expected):
+def test_validation_batches_split_over_the_replicas(batch, examples, replicas, expected, capsys):
     from tf_bus.training.distribute import validation_batching
 
     size, drop = validation_batching(batch, examples, replicas)
     assert (size, drop) == expected
+    said = capsys.readouterr().out
+    assert (f"{examples % size} validation image(s) left out" in said) == drop, said  # both trainers say so
     if replicas > 1:
         batches = [size] * (examples // size) + ([] if drop or examples % size == 0 else [examples % size])
         assert batches[0] % replicas == 0 and all(b >= replicas for b in batches)

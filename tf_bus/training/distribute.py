@@ -301,7 +301,7 @@ def validation_batching(batch_size: int, examples: int, replicas: int) -> tuple[
     (unequal shares: "AddN ... must have the same size"), and a replica given no image fails
     in BatchNormalization. So every batch is a multiple of ``replicas`` except a last one of
     at least ``replicas`` images: the largest such batch size up to ``batch_size``. Where none
-    exists, the last batch (fewer than ``replicas`` images) is left out."""
+    exists, the last batch (fewer than ``replicas`` images) is left out, and a line says so."""
     if replicas <= 1:
         return batch_size, False
     if examples < replicas:
@@ -311,6 +311,8 @@ def validation_batching(batch_size: int, examples: int, replicas: int) -> tuple[
     for b in range(largest, 0, -replicas):
         if examples % b == 0 or examples % b >= replicas:
             return b, False
+    print(f"tf-bus: {examples % largest} validation image(s) left out: {examples} do not split into batches "
+          f"over {replicas} replicas.")
     return largest, True
 
 

@@ -97,9 +97,6 @@ def train_segmenter(
                                     training=True, splits_file=splits_file)
     n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
     val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
-    if val_drop:
-        print(f"tf-bus: {n_val % val_batch} validation image(s) left out: {n_val} do not split into batches "
-              f"over {strategy.num_replicas_in_sync} replicas.")
     val_ds = segmentation_dataset(data, "validation",
                                   loader_config(config, deterministic=distributed["deterministic"],
                                                 lesion_only=config.lesion_only, batch_size=val_batch,
