@@ -7,10 +7,11 @@ convolution layers (multiply-add = 2 FLOPs; a training step = 3x the forward pas
 Prints JSON. oneDNN's kernels are on, as under ``tf-bus``; ``--onednn both`` times them
 against TensorFlow's Eigen kernels in alternating child processes (``benchmarks/onednn.py``).
 ``--batch-norm both`` times the U-Net's fused batch norm (the default) against Keras' own
-``BatchNormalization`` in the same process, alternating ``--bn-rounds`` times, medians.
+``BatchNormalization`` in the same process, and ``--batch 8,16,32`` several batch sizes;
+the variants alternate ``--bn-rounds`` times, medians.
 
     python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions float32]
-        [--batch-norm fused|keras|both] [--bn-rounds 3] [--onednn on|off|both] [--rounds 3]
+        [--batch 8[,16,...]] [--batch-norm fused|keras|both] [--bn-rounds 3] [--onednn on|off|both] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -66,16 +67,24 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=d.image_size[0], help="square input side (default: the CLI's)")
     ap.add_argument("--base-filters", type=int, default=d.base_filters, help="U-Net base filters (default: the CLI's)")
     ap.add_argument("--depth", type=int, default=d.depth, help="U-Net depth (default: the CLI's)")
-    ap.add_argument("--batch", type=int, default=d.batch_size, help="batch size (default: the CLI's)")
+    ap.add_argument("--batch", default=str(d.batch_size),
+                    help="batch size, or a comma list of them timed side by side (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
     ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
     ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
                     help="fused: the U-Net's default batch norm (TensorFlow's fused kernel); keras: "
                          "keras.layers.BatchNormalization; both: time the two, alternating (default: fused)")
     ap.add_argument("--bn-rounds", type=int, default=3,
-                    help="with --batch-norm both: alternating timed epochs per variant, medians (default: 3)")
+                    help="with --batch-norm both or several --batch sizes: alternating timed epochs per "
+                         "variant, medians (default: 3)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch: expected an integer or a comma list of them, got {args.batch!r}")
+    if any(b < 1 for b in batches):
+        ap.error(f"--batch: sizes must be positive, got {args.batch!r}")
     if onednn.compared(args, __file__, "segmenter_training"):
         return
 
@@ -84,25 +93,26 @@ def main() -> None:
     from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 
     out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
-           "depth": args.depth, "batch": args.batch, "batch_norm": args.batch_norm, "cpu_count": os.cpu_count(),
+           "depth": args.depth, "batch": batches[0] if len(batches) == 1 else batches, "batch_norm": args.batch_norm, "cpu_count": os.cpu_count(),
            "tensorflow": tf.__version__, "native_bf16": cpu_has_native_bf16(),
            "onednn_active": onednn_enabled(), "results": {}}
-    variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
-    rounds = args.bn_rounds if args.batch_norm == "both" else 1
-    x, y = data(args.size, args.batch * args.steps)
+    bn_variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
+    variants = [(v, b) for v in bn_variants for b in batches]
+    rounds = args.bn_rounds if len(variants) > 1 else 1
     for precision in args.precisions.split(","):
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
-        models = {v: build(args.size, args.base_filters, args.depth, args.batch, precision, v == "fused")
-                  for v in variants}
-        rates: dict[str, list[float]] = {v: [] for v in variants}
+        models = {(v, b): build(args.size, args.base_filters, args.depth, b, precision, v == "fused")
+                  for v, b in variants}
+        data_by_batch = {b: data(args.size, b * args.steps) for b in batches}
+        rates: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
         for _ in range(rounds):
-            for v in variants:
-                rates[v].append(train_rate(models[v][0], x, y, args.batch))
+            for v, b in variants:
+                rates[v, b].append(train_rate(models[v, b][0], *data_by_batch[b], b))
         result = {}
-        for v in variants:
-            rate, flops = float(np.median(rates[v])), models[v][1]
+        for v, b in variants:
+            rate, flops = float(np.median(rates[v, b])), models[v, b][1]
             achieved = rate * 3.0 * flops
-            result[v] = {
+            result[v, b] = {
                 "train_images_per_s": round(rate, 2),
                 "forward_gflops_per_image": round(flops / 1e9, 4),
                 "achieved_gflop_per_s": significant(achieved / 1e9, 4),
@@ -110,14 +120,19 @@ def main() -> None:
                 "utilisation_of_peak": significant(achieved / peak),
             }
             if rounds > 1:
-                result[v]["rates"] = [round(r, 2) for r in rates[v]]
-        if len(variants) == 1:
-            out["results"][precision] = result[variants[0]]
+                result[v, b]["rates"] = [round(r, 2) for r in rates[v, b]]
+
+        def by_batch(v: str) -> dict:
+            return result[v, batches[0]] if len(batches) == 1 else {f"batch_{b}": result[v, b] for b in batches}
+
+        if len(bn_variants) == 1:
+            out["results"][precision] = by_batch(bn_variants[0])
         else:
             out["results"][precision] = {
-                **{f"{v}_batch_norm": result[v] for v in variants},
-                "fused_batch_norm_speedup": round(result["fused"]["train_images_per_s"]
-                                                  / result["keras"]["train_images_per_s"], 3),
+                **{f"{v}_batch_norm": by_batch(v) for v in bn_variants},
+                "fused_batch_norm_speedup": round(
+                    float(np.median([result["fused", b]["train_images_per_s"] / result["keras", b]["train_images_per_s"]
+                                     for b in batches])), 3),
             }
     print(json.dumps(out, indent=2))
 

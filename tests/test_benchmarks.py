@@ -59,6 +59,26 @@ def test_segmenter_training_benchmark_times_fused_against_keras_batch_norm():
         fused["train_images_per_s"] / plain["train_images_per_s"], rel=0.01)
 
 
+def test_segmenter_training_benchmark_times_several_batch_sizes_side_by_side():
+    out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
+                        "--batch", "2,4", "--steps", "1", "--bn-rounds", "2")
+    assert out["batch"] == [2, 4]
+    res = out["results"]["float32"]
+    assert set(res) == {"batch_2", "batch_4"}
+    for r in res.values():
+        assert len(r["rates"]) == 2 and r["train_images_per_s"] == pytest.approx(sum(r["rates"]) / 2, rel=0.01)
+        util = r["train_images_per_s"] * 3 * r["forward_gflops_per_image"] / r["matmul_peak_gflop_per_s"]
+        assert r["utilisation_of_peak"] == pytest.approx(util, rel=0.02)
+    assert res["batch_2"]["forward_gflops_per_image"] == res["batch_4"]["forward_gflops_per_image"]
+
+
+@pytest.mark.parametrize("batch", ["8,x", "0", "4,-2"])
+def test_segmenter_training_benchmark_refuses_bad_batch_lists(batch):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "segmenter_training.py"), "--batch", batch],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 2 and "--batch" in r.stderr and batch in r.stderr
+
+
 def test_classifier_training_benchmark_prints_json():
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
                         "--precisions", "float32,mixed_bfloat16", "--batch", "2", "--steps", "1")
