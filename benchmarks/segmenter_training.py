@@ -93,7 +93,8 @@ def main() -> None:
     from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 
     out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
-           "depth": args.depth, "batch": batches[0] if len(batches) == 1 else batches, "batch_norm": args.batch_norm, "cpu_count": os.cpu_count(),
+           "depth": args.depth, "batch": batches[0] if len(batches) == 1 else batches,
+           "batch_norm": args.batch_norm, "cpu_count": os.cpu_count(),
            "tensorflow": tf.__version__, "native_bf16": cpu_has_native_bf16(),
            "onednn_active": onednn_enabled(), "results": {}}
     bn_variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
