@@ -72,6 +72,9 @@ def test_aggregate_reports_lesion_and_normal_images_apart():
     assert agg["lesion_images"]["dice"]["mean"] == pytest.approx((0.5 + 1 + 0.4 + 0 + 0) / 5)
     assert agg["normal_images"]["share_predicted_empty"] == 0.5
     assert agg["lesion_images"]["hd95_undefined"] == 1  # the missed lesion
+    # Dice 0.4, 0 and 0 are under 0.5; the missed and the disjoint lesion have no overlap;
+    # only the missed one has an empty prediction.
+    assert agg["lesion_images"]["failures"] == {"dice_below_0.5": 3, "no_overlap": 2, "predicted_empty": 1}
 
 
 def test_choose_threshold_picks_the_best_dice():

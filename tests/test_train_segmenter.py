@@ -89,6 +89,10 @@ def test_evaluate_cli_schema(tiny_run, prepared):
     normal = next(r for r in result["per_image"] if not r["lesion"])
     assert normal["dice"] is None and isinstance(normal["predicted_empty"], bool)
     assert set(result["aggregate"]) == {"lesion_images", "normal_images"}
+    lesions = [r for r in result["per_image"] if r["lesion"]]
+    assert result["aggregate"]["lesion_images"]["failures"] == {
+        "dice_below_0.5": sum(r["dice"] < 0.5 for r in lesions), "no_overlap": sum(r["tpr"] == 0 for r in lesions),
+        "predicted_empty": sum(r["predicted_empty"] for r in lesions)}
     choice = json.loads((run / "threshold.json").read_text())
     assert choice["threshold"] == result["settings"]["threshold"]
     assert choice["postprocess"] == result["settings"]["postprocess"] in ("none", "largest")

@@ -123,6 +123,13 @@ def aggregate_mask_metrics(per_image: list[dict[str, Any]]) -> dict[str, Any]:
         },
     }
     out["lesion_images"]["hd95_undefined"] = sum(1 for r in lesion if r["hd95"] is None or math.isnan(r["hd95"]))
+    # The tail that pulls the mean down: how many lesions are poorly segmented, found nowhere
+    # (the prediction does not touch them), or left with an empty prediction.
+    out["lesion_images"]["failures"] = {
+        "dice_below_0.5": sum(1 for r in lesion if r["dice"] < 0.5),
+        "no_overlap": sum(1 for r in lesion if r["tpr"] == 0),
+        "predicted_empty": sum(1 for r in lesion if r["predicted_empty"]),
+    }
     return out
 
 
