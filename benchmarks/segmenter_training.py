@@ -60,6 +60,7 @@ def train_rate(model, x, y, batch: int) -> float:
 
 
 def main() -> None:
+    from tf_bus.cli import _int_list
     from tf_bus.config import SegmenterConfig
 
     d = SegmenterConfig()
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=d.image_size[0], help="square input side (default: the CLI's)")
     ap.add_argument("--base-filters", type=int, default=d.base_filters, help="U-Net base filters (default: the CLI's)")
     ap.add_argument("--depth", type=int, default=d.depth, help="U-Net depth (default: the CLI's)")
-    ap.add_argument("--batch", default=str(d.batch_size),
+    ap.add_argument("--batch", type=_int_list, default=(d.batch_size,),
                     help="batch size, or a comma list of them timed side by side (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
     ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
@@ -79,12 +80,9 @@ def main() -> None:
                          "variant, medians (default: 3)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        ap.error(f"--batch: expected an integer or a comma list of them, got {args.batch!r}")
+    batches = list(args.batch)
     if any(b < 1 for b in batches):
-        ap.error(f"--batch: sizes must be positive, got {args.batch!r}")
+        ap.error(f"--batch: sizes must be positive, got {','.join(map(str, batches))!r}")
     if onednn.compared(args, __file__, "segmenter_training"):
         return
 
