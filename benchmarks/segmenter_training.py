@@ -10,7 +10,7 @@ against TensorFlow's Eigen kernels in alternating child processes (``benchmarks/
 ``BatchNormalization`` in the same process, and ``--batch 8,16,32`` several batch sizes;
 the variants alternate ``--bn-rounds`` times, medians.
 
-    python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions float32]
+    python benchmarks/segmenter_training.py [--size 128] [--base-filters 16] [--precisions auto]
         [--batch 8[,16,...]] [--batch-norm fused|keras|both] [--bn-rounds 3] [--onednn on|off|both] [--rounds 3]
 """
 
@@ -71,7 +71,10 @@ def main() -> None:
     ap.add_argument("--batch", type=_int_list, default=(d.batch_size,),
                     help="batch size, or a comma list of them timed side by side (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
-    ap.add_argument("--precisions", default="float32", help="comma list of float32,mixed_bfloat16 (default: float32)")
+    ap.add_argument("--precisions", default="auto",
+                    help="comma list of float32, mixed_bfloat16 and auto (what the CLI's `--precision auto` "
+                         "picks here: mixed_bfloat16 on a CPU with native bf16 or a GPU, else float32) "
+                         "(default: auto, the precision a default run trains in)")
     ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
                     help="fused: the U-Net's default batch norm (TensorFlow's fused kernel); keras: "
                          "keras.layers.BatchNormalization; both: time the two, alternating (default: fused)")
@@ -83,12 +86,18 @@ def main() -> None:
     batches = list(args.batch)
     if any(b < 1 for b in batches):
         ap.error(f"--batch: sizes must be positive, got {','.join(map(str, batches))!r}")
+    names = [n.strip() for n in args.precisions.split(",")]
+    for name in names:
+        if name not in ("float32", "mixed_bfloat16", "auto"):
+            ap.error(f"--precisions: {name!r} is not one of float32, mixed_bfloat16, auto")
     if onednn.compared(args, __file__, "segmenter_training"):
         return
 
     import tensorflow as tf
 
-    from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
+    from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled, resolve_precision
+
+    precisions = list(dict.fromkeys(resolve_precision(n) for n in names))  # auto as the CLI resolves it
 
     out = {"benchmark": "segmenter_training", "size": args.size, "base_filters": args.base_filters,
            "depth": args.depth, "batch": batches[0] if len(batches) == 1 else batches,
@@ -98,7 +107,7 @@ def main() -> None:
     bn_variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
     variants = [(v, b) for v in bn_variants for b in batches]
     rounds = args.bn_rounds if len(variants) > 1 else 1
-    for precision in args.precisions.split(","):
+    for precision in precisions:
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
         models = {(v, b): build(args.size, args.base_filters, args.depth, b, precision, v == "fused")
                   for v, b in variants}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tf_bus.training.precision import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def test_loader_benchmark_prints_json(synthetic_release):
 
 def test_segmenter_training_benchmark_prints_json_with_onednn_off_and_on():
     out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
-                        "--batch", "2", "--steps", "1", "--onednn", "both", "--rounds", "1")
+                        "--batch", "2", "--steps", "1", "--onednn", "both", "--rounds", "1", "--precisions", "float32")
     # Each child ran the setting it was given (TensorFlow's own report, not the flag echoed).
     assert out["onednn_active"] == {"off": [False], "on": [True]}
     for setting in ("off", "on"):
@@ -50,7 +52,9 @@ def test_segmenter_training_benchmark_times_fused_against_keras_batch_norm():
     out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
                         "--batch", "2", "--steps", "1", "--batch-norm", "both", "--bn-rounds", "2")
     assert out["batch_norm"] == "both" and out["onednn_active"] is True
-    res = out["results"]["float32"]
+    # No --precisions: the precision a default `tf-bus` run trains in on this machine.
+    assert list(out["results"]) == [resolve_precision("auto")]
+    res = out["results"][resolve_precision("auto")]
     fused, plain = res["fused_batch_norm"], res["keras_batch_norm"]
     assert fused["forward_gflops_per_image"] == plain["forward_gflops_per_image"]  # the same convolutions
     for r in (fused, plain):
@@ -63,7 +67,7 @@ def test_segmenter_training_benchmark_times_several_batch_sizes_side_by_side():
     out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "2",
                         "--batch", "2,4", "--steps", "1", "--bn-rounds", "2")
     assert out["batch"] == [2, 4]
-    res = out["results"]["float32"]
+    res = out["results"][resolve_precision("auto")]
     assert set(res) == {"batch_2", "batch_4"}
     for r in res.values():
         assert len(r["rates"]) == 2 and r["train_images_per_s"] == pytest.approx(sum(r["rates"]) / 2, rel=0.01)
@@ -72,11 +76,14 @@ def test_segmenter_training_benchmark_times_several_batch_sizes_side_by_side():
     assert res["batch_2"]["forward_gflops_per_image"] == res["batch_4"]["forward_gflops_per_image"]
 
 
-@pytest.mark.parametrize("batch", ["8,x", "0", "4,-2"])
-def test_segmenter_training_benchmark_refuses_bad_batch_lists(batch):
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "segmenter_training.py"), "--batch", batch],
+@pytest.mark.parametrize("flag, value, named", [
+    ("--batch", "8,x", "8,x"), ("--batch", "0", "0"), ("--batch", "4,-2", "4,-2"),
+    ("--precisions", "bfloat16", "'bfloat16'"), ("--precisions", "auto,fp16", "'fp16'"),
+])
+def test_segmenter_training_benchmark_refuses_bad_lists(flag, value, named):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "segmenter_training.py"), flag, value],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert r.returncode == 2 and "--batch" in r.stderr and batch in r.stderr
+    assert r.returncode == 2 and flag in r.stderr and named in r.stderr
 
 
 def test_classifier_training_benchmark_prints_json():
