@@ -52,11 +52,23 @@ def data(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
             (rng.random((n, size, size, 1)) > 0.9).astype(np.float32))
 
 
-def train_rate(model, x, y, batch: int) -> float:
-    """Training images/s of one epoch over (x, y)."""
+def dataset(x: np.ndarray, y: np.ndarray, batch: int):
+    """(x, y) in batches, as the trainers' loaders feed ``fit``: tf.data autotuning off
+    (``LoaderConfig.autotune``; Keras' own feed of NumPy arrays autotunes, and ending its
+    iterator after an epoch blocked for seconds on this 2-core CPU: README)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batched = (x.reshape(-1, batch, *x.shape[1:]), y.reshape(-1, batch, *y.shape[1:]))  # whole batches
+    return tf.data.Dataset.from_tensor_slices(batched).prefetch(2).with_options(options)
+
+
+def train_rate(model, ds, n: int) -> float:
+    """Training images/s of one epoch over ``ds`` (``n`` images)."""
     t = time.perf_counter()
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
-    return len(x) / (time.perf_counter() - t)
+    model.fit(ds, epochs=1, verbose=0)
+    return n / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -111,11 +123,11 @@ def main() -> None:
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
         models = {(v, b): build(args.size, args.base_filters, args.depth, b, precision, v == "fused")
                   for v, b in variants}
-        data_by_batch = {b: data(args.size, b * args.steps) for b in batches}
+        data_by_batch = {b: dataset(*data(args.size, b * args.steps), b) for b in batches}
         rates: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
         for _ in range(rounds):
             for v, b in variants:
-                rates[v, b].append(train_rate(models[v, b][0], *data_by_batch[b], b))
+                rates[v, b].append(train_rate(models[v, b][0], data_by_batch[b], b * args.steps))
         result = {}
         for v, b in variants:
             rate, flops = float(np.median(rates[v, b])), models[v, b][1]

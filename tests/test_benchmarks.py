@@ -86,6 +86,21 @@ def test_segmenter_training_benchmark_refuses_bad_lists(flag, value, named):
     assert r.returncode == 2 and flag in r.stderr and named in r.stderr
 
 
+def test_tf_data_autotune_benchmark_times_the_real_loader_both_ways(prepared):
+    out = run_benchmark("tf_data_autotune.py", str(prepared), "--size", "32", "--depth", "2", "--base-filters", "4",
+                        "--batch", "4", "--epochs", "2", "--rounds", "1", "--precision", "float32")
+    n = out["train_images"]
+    assert n > 0 and out["precision"] == "float32"
+    for setting in ("off", "on"):
+        res = out["results"][setting]
+        [fit] = res["fits"]
+        assert len(fit["epoch_seconds"]) == 2 and fit["train_images_per_s"] == res["train_images_per_s"] > 0
+        # A fit lasts at least its epochs: the rate cannot beat the epochs' own.
+        assert fit["train_images_per_s"] <= 2 * n / sum(fit["epoch_seconds"]) * 1.001
+    assert out["off_speedup"] == pytest.approx(
+        out["results"]["off"]["train_images_per_s"] / out["results"]["on"]["train_images_per_s"], rel=0.01)
+
+
 def test_classifier_training_benchmark_prints_json():
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
                         "--precisions", "float32,mixed_bfloat16", "--batch", "2", "--steps", "1")

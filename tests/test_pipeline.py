@@ -172,6 +172,29 @@ def test_the_trainers_augmentation_ranges_reach_the_loader(trainer, prepared):
     assert not np.allclose(first_batch(AugmentConfig(horizontal_flip=False, brightness=0.3), augment=True), plain)
 
 
+@pytest.mark.parametrize("load", [segmentation_dataset, classification_dataset])
+@pytest.mark.parametrize("autotune", [False, True])
+def test_autotune_option_reaches_the_dataset_and_changes_no_element(load, autotune, prepared):
+    cfg = LoaderConfig(**SMALL, deterministic=True, shuffle=False, autotune=autotune)
+    ds = load(prepared, "train", cfg, training=True, include_names=True)
+    assert ds.options().autotune.enabled is autotune
+    other = load(prepared, "train", LoaderConfig(**SMALL, deterministic=True, shuffle=False, autotune=not autotune),
+                 training=True, include_names=True)
+    for a, b in zip(_collect(ds), _collect(other)):  # the same elements, augmentation included
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("trainer", ["segmentation", "classification"])
+def test_the_trainers_load_without_tf_data_autotuning(trainer):
+    import importlib
+
+    from tf_bus.config import ClassifierConfig, SegmenterConfig
+
+    module = importlib.import_module(f"tf_bus.training.{trainer}")
+    cls = SegmenterConfig if trainer == "segmentation" else ClassifierConfig
+    assert module.loader_config(cls()).autotune is False
+
+
 def test_deterministic_order_with_a_seed(prepared):
     cfg = LoaderConfig(**SMALL, deterministic=True, seed=11)
     a = _collect(classification_dataset(prepared, "train", cfg, include_names=True))[2]

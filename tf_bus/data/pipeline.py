@@ -355,6 +355,7 @@ def _finish(
     ds = ds.batch(batch, drop_remainder=config.drop_remainder)
     options = tf.data.Options()
     options.deterministic = config.deterministic
+    options.autotune.enabled = config.autotune  # see LoaderConfig.autotune
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
         else tf.data.experimental.AutoShardPolicy.AUTO)
