@@ -1,8 +1,22 @@
-"""What the training benchmarks share: analytic convolution FLOPs and the matmul peak."""
+"""What the training benchmarks share: analytic convolution FLOPs, the matmul peak, and the
+in-memory feed of the timed epochs."""
 
 from __future__ import annotations
 
 import time
+
+
+def batched_dataset(x, y, batch: int):
+    """NumPy (x, y) as whole batches through tf.data, as the trainers' loaders feed ``fit``:
+    autotuning off (``LoaderConfig.autotune``). Keras' own feed of NumPy arrays autotunes,
+    and ending its iterator after an epoch blocked for seconds on a 2-core CPU (README,
+    "tf.data autotuning")."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batched = (x.reshape(-1, batch, *x.shape[1:]), y.reshape(-1, batch, *y.shape[1:]))
+    return tf.data.Dataset.from_tensor_slices(batched).prefetch(2).with_options(options)
 
 
 def conv_flops(model) -> float:

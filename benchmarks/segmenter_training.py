@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import onednn  # noqa: E402  (benchmarks/onednn.py)
-from flops import conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
+from flops import batched_dataset, conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
 
 
 def build(size: int, base: int, depth: int, batch: int, precision: str, fused: bool):
@@ -40,8 +40,7 @@ def build(size: int, base: int, depth: int, batch: int, precision: str, fused: b
     model = UNet((size, size), 1, depth=depth, base_filters=base, fused_batch_norm=fused)
     model.compile(optimizer="adamw", loss=get_loss("bce_dice"), jit_compile=False)
     build_before_fit(model)  # one trace of the step, as the trainers do
-    x, y = data(size, batch * 2)
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace
+    model.fit(batched_dataset(*data(size, batch * 2), batch), epochs=1, verbose=0)  # trace, as timed
     keras.mixed_precision.set_global_policy("float32")
     return model, conv_flops(model)
 
@@ -50,18 +49,6 @@ def data(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     return (rng.random((n, size, size, 1), np.float32),
             (rng.random((n, size, size, 1)) > 0.9).astype(np.float32))
-
-
-def dataset(x: np.ndarray, y: np.ndarray, batch: int):
-    """(x, y) in batches, as the trainers' loaders feed ``fit``: tf.data autotuning off
-    (``LoaderConfig.autotune``; Keras' own feed of NumPy arrays autotunes, and ending its
-    iterator after an epoch blocked for seconds on this 2-core CPU: README)."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    batched = (x.reshape(-1, batch, *x.shape[1:]), y.reshape(-1, batch, *y.shape[1:]))  # whole batches
-    return tf.data.Dataset.from_tensor_slices(batched).prefetch(2).with_options(options)
 
 
 def train_rate(model, ds, n: int) -> float:
@@ -123,7 +110,7 @@ def main() -> None:
         peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
         models = {(v, b): build(args.size, args.base_filters, args.depth, b, precision, v == "fused")
                   for v, b in variants}
-        data_by_batch = {b: dataset(*data(args.size, b * args.steps), b) for b in batches}
+        data_by_batch = {b: batched_dataset(*data(args.size, b * args.steps), b) for b in batches}
         rates: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
         for _ in range(rounds):
             for v, b in variants:
