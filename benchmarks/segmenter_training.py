@@ -60,7 +60,7 @@ def train_rate(model, ds, n: int) -> float:
 
 def main() -> None:
     from tf_bus.cli import _int_list
-    from tf_bus.config import SegmenterConfig
+    from tf_bus.config import PRECISIONS, SegmenterConfig
 
     d = SegmenterConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,8 +87,8 @@ def main() -> None:
         ap.error(f"--batch: sizes must be positive, got {','.join(map(str, batches))!r}")
     names = [n.strip() for n in args.precisions.split(",")]
     for name in names:
-        if name not in ("float32", "mixed_bfloat16", "auto"):
-            ap.error(f"--precisions: {name!r} is not one of float32, mixed_bfloat16, auto")
+        if name not in PRECISIONS:  # the CLI's own list; auto is resolved once TensorFlow is imported
+            ap.error(f"--precisions: {name!r} is not one of {', '.join(PRECISIONS)}")
     if onednn.compared(args, __file__, "segmenter_training"):
         return
 
