@@ -77,3 +77,18 @@ def test_a_healthy_run_fires_nothing(tmp_path):
     assert set(diag.rules) == set(RULES)
     assert diag.grad_history and (tmp_path / "gradient_norms.png").read_bytes()[:4] == b"\x89PNG"
     assert diag.rules["poor_weight_initialization"]["measured"]["dead_relu_layers"] == {}
+
+
+def test_the_gradient_plot_is_redrawn_only_when_a_new_check_arrives(tmp_path):
+    """Drawing the PNG costs about 0.14 s, so epochs without a new gradient check skip it."""
+    diag = run(mlp(), tmp_path, epochs=2)
+    png = tmp_path / "gradient_norms.png"
+    checks = len(diag.grad_history)
+    assert checks and png.exists()
+    png.unlink()
+    diag.on_epoch_end(2, {"loss": 1.0})  # no new check: the report is rewritten, the plot is not
+    assert not png.exists() and (tmp_path / "diagnostics.json").exists()
+    assert "gradient_norms.png" in (tmp_path / "diagnostics.md").read_text()
+    diag._check_gradients("step test")  # a new check: the plot follows
+    diag.on_epoch_end(3, {"loss": 1.0})
+    assert len(diag.grad_history) == checks + 1 and png.read_bytes()[:4] == b"\x89PNG"

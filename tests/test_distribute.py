@@ -11,9 +11,12 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+from tensorboard_events import read_overlays
 
 from tf_bus.config import ConfigError, SegmenterConfig
+from tf_bus.training.segmentation import load_best_model
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +52,13 @@ def test_mirrored_over_two_logical_cpus(prepared, tmp_path):
         record = json.loads((tmp_path / run / "config.json").read_text())
         assert record["replicas"] == replicas and record["config"]["strategy"] == strategy
         assert (tmp_path / run / "best.keras").is_file()
+    # The U-Net's TensorBoard overlays, drawn by a plain call of the mirrored model: one
+    # prediction per image, the trained model's (one epoch, so best.keras is that model).
+    strips = read_overlays(tmp_path / "seg" / "logs")
+    assert sorted(strips) == [0] and strips[0].shape[1:] == (32, 96, 1) and 1 <= len(strips[0]) <= 4
+    model = load_best_model(tmp_path / "seg")
+    expected = np.asarray(model(strips[0][:, :, :32].astype("float32"), training=False), np.float32)
+    np.testing.assert_allclose(strips[0][:, :, 64:], expected, atol=0.03)  # inputs went through 8-bit PNG
 
 
 def test_bad_strategy_and_uneven_global_batch():

@@ -58,6 +58,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
         self._low_streak: dict[str, int] = {}
         self._epoch_logs: list[dict[str, float]] = []
         self._step = 0
+        self._plotted_checks = 0  # gradient checks drawn in gradient_norms.png so far
         self.stop_message: str | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -186,7 +187,9 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             lines += ["", f"Stopped: {self.stop_message}"]
         if self.grad_history:
             lines += ["", "![gradient norms](gradient_norms.png)"]
-            self._plot()
+            if len(self.grad_history) != self._plotted_checks:  # redraw only with new checks (0.14 s a plot)
+                self._plot()
+                self._plotted_checks = len(self.grad_history)
         write_bytes_atomic(self.out_dir / "diagnostics.md", ("\n".join(lines) + "\n").encode())
 
     def _plot(self) -> None:
