@@ -101,6 +101,22 @@ def test_tf_data_autotune_benchmark_times_the_real_loader_both_ways(prepared):
         out["results"]["off"]["train_images_per_s"] / out["results"]["on"]["train_images_per_s"], rel=0.01)
 
 
+def test_determinism_benchmark_times_each_setting_in_its_own_process(prepared):
+    out = run_benchmark("determinism.py", str(prepared), "--size", "32", "--depth", "2", "--base-filters", "4",
+                        "--batch", "4", "--epochs", "2", "--rounds", "1", "--precision", "float32")
+    n = out["train_images"]
+    assert n > 0 and out["precision"] == "float32"
+    for setting, deterministic in (("off", False), ("on", True)):
+        res = out["results"][setting]
+        [fit] = res["fits"]
+        # What TensorFlow and the dataset report as set in that child, not the flag echoed.
+        assert fit["op_determinism"] is deterministic and fit["loader_deterministic"] is deterministic
+        assert len(fit["epoch_seconds"]) == 2 and fit["train_images_per_s"] == res["train_images_per_s"] > 0
+        assert fit["train_images_per_s"] <= 2 * n / sum(fit["epoch_seconds"]) * 1.001
+    assert out["deterministic_slowdown"] == pytest.approx(
+        out["results"]["off"]["train_images_per_s"] / out["results"]["on"]["train_images_per_s"], rel=0.01)
+
+
 def test_classifier_training_benchmark_prints_json():
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
                         "--precisions", "float32,mixed_bfloat16", "--batch", "2", "--steps", "1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import socket
@@ -13,7 +15,7 @@ import pytest
 
 from tf_bus.config import ClassifierConfig, ConfigError, TuneConfig
 from tf_bus.data.busi import TfBusError
-from tf_bus.training.tuning import tune_classifier
+from tf_bus.training.tuning import PROJECT, tune_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +79,22 @@ def test_random_search_trains_each_trial_resumes_and_retrains_the_best(prepared,
     assert keras.saving.load_model(tmp_path / "best_run" / "best.keras").output_shape == (None, 3)
     with pytest.raises(TfBusError, match="other settings"):
         tune_classifier(prepared, out, tiny(weights, batch_sizes=(4,)), verbose=0)
+
+
+def test_deterministic_searches_score_their_trials_alike(prepared, tmp_path, weights):
+    base = dataclasses.replace(tiny(weights).base, deterministic=True, mixup=0.2)
+    seen = []
+    for k in range(2):
+        out = tmp_path / f"tune{k}"
+        tune_classifier(prepared, out, tiny(weights, base=base, max_trials=1), verbose=0)
+        [record] = trials(out)
+        assert_trials_trained([record], 1)
+        # KerasTuner's own record of the trial: every metric's value, losses included.
+        [trial_file] = (out / PROJECT).glob("trial_*/trial.json")
+        metrics = json.loads(trial_file.read_text())["metrics"]["metrics"]
+        assert {"loss", "val_loss"} <= set(metrics)
+        seen.append((record["hyperparameters"], record["score"], metrics))
+    assert seen[0] == seen[1]
 
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian"])

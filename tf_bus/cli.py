@@ -376,6 +376,11 @@ def _add_training_flags(p, d, monitored: str) -> None:
                    help="stop after the epoch that crosses this wall time; the cosine schedule anneals by then; 0 for none "
                         f"(default: {d.time_budget_minutes:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, shuffling, augmentation (default: {d.seed})")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical runs for the same seed, data and machine: tf.data keeps its order and TensorFlow "
+                        "runs deterministic kernels (enable_op_determinism); the learning rate then follows the steps "
+                        "only, not the --time-budget clock. No slower on our 2-core CPU (README, \"Reproducible runs\") "
+                        "(default: off)")
     p.add_argument("--profile-batches", type=_batches, default=None, metavar="START,STOP",
                    help="write a TensorBoard profiler trace of these training batches (default: none)")
     p.add_argument("--strategy", choices=("default", "onedevice", "mirrored", "multiworker"), default=d.strategy,
@@ -409,7 +414,7 @@ def _training_kwargs(args) -> dict:
                                            brightness=args.brightness, contrast=args.contrast),
                 precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
-                profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
+                deterministic=args.deterministic, profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
 
 
 def _train_or_cross_validate(kind: str, train, args, config) -> int:
@@ -833,6 +838,10 @@ def _add_tune(sub) -> None:
                         "tuners run the same trials in step; worker 0 writes TUNE_DIR, the others "
                         "TUNE_DIR/workers/; not combined with KERASTUNER_* distributed tuning). Each batch size in "
                         "--batch-sizes is the global batch and must divide over the replicas (default: default)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="every trial (and --retrain) as train-classifier --deterministic: a fixed tf.data order and "
+                        "TensorFlow's deterministic kernels, so the same search with the same --seed scores its trials "
+                        "alike (default: off)")
     p.add_argument("--retrain", metavar="RUN_DIR",
                    help="after the search, train the best configuration into RUN_DIR (as train-classifier does)")
     p.add_argument("--head-epochs", type=int, default=d.head_epochs,
@@ -854,6 +863,7 @@ def _cmd_tune(args) -> int:
         schedule=args.schedule,
         augment=not args.no_augment, precision=args.precision, seed=args.seed, time_budget_minutes=0,
         early_stopping_patience=0, strategy=args.strategy, head_epochs=args.head_epochs,
+        deterministic=args.deterministic,
     )
     tune = TuneConfig(
         base=base, tuner=args.tuner, max_trials=args.max_trials, executions_per_trial=args.executions_per_trial,

@@ -419,6 +419,12 @@ class SegmenterConfig(_TrainingConfig):
         time_budget_minutes: stop after the epoch that crosses this wall time (0: none).
         threshold: probability threshold for the Dice/IoU metrics.
         seed: seeds weights, shuffling and augmentation.
+        deterministic: the same seed, data and machine give bit-identical runs: tf.data
+            keeps its element order under parallel decoding, TensorFlow runs its
+            deterministic kernels (``tf.config.experimental.enable_op_determinism``, for
+            the run's duration) and the learning rate follows the steps only, not the
+            time budget's clock. Off by default: without it two runs with one seed differ
+            (README, "Reproducible runs").
         profile_batches: (start, stop) batches traced by the TensorBoard profiler, or None.
         diagnostics: watch training with the Debugger rules (vanishing/exploding gradients,
             overfit, poor initialisation, stalled loss) and write RUN_DIR/diagnostics.*.
@@ -454,6 +460,7 @@ class SegmenterConfig(_TrainingConfig):
     time_budget_minutes: float = 38.0
     threshold: float = 0.5
     seed: int = 1337
+    deterministic: bool = False
     profile_batches: tuple[int, int] | None = None
     diagnostics: bool = True
     strategy: str = "default"
@@ -511,7 +518,7 @@ class ClassifierConfig(_TrainingConfig):
             validation images macro-F1 jumps by 0.05 from epoch to epoch; the
             cross-entropy, a proper scoring rule, moves smoothly.
         augment, augmentation, precision, early_stopping_patience, time_budget_minutes, seed,
-        profile_batches, diagnostics: as for the segmenter (early stopping on ``monitor``).
+        deterministic, profile_batches, diagnostics: as for the segmenter (early stopping on ``monitor``).
     """
 
     backbone: str = "resnet50"
@@ -542,6 +549,7 @@ class ClassifierConfig(_TrainingConfig):
     early_stopping_patience: int = 10
     time_budget_minutes: float = 43.0
     seed: int = 1337
+    deterministic: bool = False
     profile_batches: tuple[int, int] | None = None
     diagnostics: bool = True
     strategy: str = "default"

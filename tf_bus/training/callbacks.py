@@ -66,7 +66,7 @@ class TimeBudget(keras.callbacks.Callback):
     and ``feed_schedule`` is on, the share of this ``fit``'s part of the budget (what was
     left when it started) is written to it before every batch, so each phase's schedule
     has annealed when the budget runs out. (Off under multiworker: each worker's clock
-    differs, and the learning rate must not; see ``for_config``.)
+    differs, and the learning rate must not; nor with ``deterministic``: see ``for_config``.)
     """
 
     def __init__(self, minutes: float, *, feed_schedule: bool = True):
@@ -81,8 +81,11 @@ class TimeBudget(keras.callbacks.Callback):
 
     @classmethod
     def for_config(cls, config) -> "TimeBudget":
-        """The budget of a training config (``time_budget_minutes``, ``strategy``)."""
-        return cls(config.time_budget_minutes, feed_schedule=config.strategy != "multiworker")
+        """The budget of a training config (``time_budget_minutes``, ``strategy``,
+        ``deterministic``): the clock feeds the schedule unless the learning rate must not
+        depend on it (multiworker, deterministic)."""
+        return cls(config.time_budget_minutes,
+                   feed_schedule=config.strategy != "multiworker" and not config.deterministic)
 
     def elapsed_minutes(self) -> float:
         return 0.0 if self.start is None else (time.monotonic() - self.start) / 60.0

@@ -27,7 +27,7 @@ from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, Lo
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, TimeBudget, best_logged
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
 from tf_bus.training.precision import set_precision
 
 
@@ -123,16 +123,17 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
         n_val = len(list_release(root, "validation", splits_file=splits_file)[0])
     val_batch, val_drop = validation_batching(config.batch_size, n_val, replicas)
     multiworker = config.strategy == "multiworker"
+    ordered = multiworker or config.deterministic  # a fixed element order
     masks = config.mask_loss_weight > 0
     train_ds = _one_hot(classification_dataset(
         data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1,
-                                     deterministic=multiworker), training=True,
+                                     deterministic=ordered), training=True,
         splits_file=splits_file,
         balanced=balance == "sampling", include_augmented=include_aug, with_masks=masks))
     if config.mixup > 0:
         train_ds = mixup(train_ds, config.mixup, config.seed + 1)  # + 1: not the augmentation's stream
     val_ds = _one_hot(classification_dataset(data, "validation",
-                                             loader_config(config, deterministic=multiworker, batch_size=val_batch,
+                                             loader_config(config, deterministic=ordered, batch_size=val_batch,
                                                            drop_remainder=val_drop),
                                              training=False, splits_file=splits_file, with_masks=masks))
     if multiworker:
@@ -256,7 +257,7 @@ def train_classifier(
     # gives every worker the chief's weights.
     head_done = chief_decides(head_file.exists(), config.strategy)
     try:
-        with worker_failures(config.strategy):
+        with worker_failures(config.strategy), op_determinism(config.deterministic):
             if head_epochs and not head_done:
                 set_trainable_stages(model, 0)
                 with strategy.scope():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,25 @@ def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epoc
     if weight_decay > 0:
         return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay, **averaging)
     return keras.optimizers.Adam(learning_rate=lr, **averaging)
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool) -> Iterator[None]:
+    """TensorFlow's deterministic kernels while the block runs (``enabled``), as
+    ``tf.config.experimental.enable_op_determinism`` sets them for the whole process; the
+    setting the process had is restored afterwards, so a later run in the same process
+    is not slowed by it. ``enabled=False`` changes nothing."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    before = tf_config.is_op_determinism_enabled()
+    if enabled and not before:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            tf_config.disable_op_determinism()
 
 
 def build_before_fit(model: keras.Model) -> None:

@@ -31,7 +31,7 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, MaskOverlays, TimeBudget, best_logged
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, software_record
+from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
 from tf_bus.training.precision import set_precision
 
 
@@ -92,7 +92,8 @@ def train_segmenter(
     # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no
     # rows are NaN), and multi-worker DATA sharding needs the same element order everywhere.
     distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1,
-                       deterministic=config.strategy == "multiworker", lesion_only=config.lesion_only)
+                       deterministic=config.deterministic or config.strategy == "multiworker",
+                       lesion_only=config.lesion_only)
     train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                     training=True, splits_file=splits_file)
     n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
@@ -144,7 +145,7 @@ def train_segmenter(
                                                            min_lr=config.learning_rate * 0.01))
     t0 = time.perf_counter()
     try:
-        with worker_failures(config.strategy):
+        with worker_failures(config.strategy), op_determinism(config.deterministic):
             history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                                 verbose=verbose, shuffle=False)  # the dataset shuffles itself
         model.save(run_dir / "last.keras")

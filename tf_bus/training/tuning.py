@@ -68,6 +68,7 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
 
     from tf_bus.models.classifier import set_trainable_stages
     from tf_bus.training.classification import build_training_model, classifier_data, compile_classifier
+    from tf_bus.training.common import op_determinism
 
     class ClassifierHyperModel(keras_tuner.HyperModel):
         """Builds and trains one classifier per trial (see the module docstring)."""
@@ -105,11 +106,12 @@ def _make_hypermodel(tune: TuneConfig, data: str | os.PathLike, splits_file: str
             with strategy.scope():
                 compile_classifier(model, config, config.learning_rate, total, d.steps)
             self.fits += 1
-            return model.fit(
-                d.train, validation_data=d.validation, class_weight=d.class_weight, shuffle=False,
-                steps_per_epoch=d.steps if d.balance == "sampling" else None, epochs=total,
-                initial_epoch=kwargs.get("initial_epoch", 0), callbacks=callbacks, verbose=verbose,
-            )
+            with op_determinism(config.deterministic):
+                return model.fit(
+                    d.train, validation_data=d.validation, class_weight=d.class_weight, shuffle=False,
+                    steps_per_epoch=d.steps if d.balance == "sampling" else None, epochs=total,
+                    initial_epoch=kwargs.get("initial_epoch", 0), callbacks=callbacks, verbose=verbose,
+                )
 
     return ClassifierHyperModel()
 
