@@ -147,6 +147,68 @@ def test_best_logged(tmp_path, rows, mode, expected):
     assert best_logged(path, "val_f1", mode) == expected
 
 
+@pytest.mark.parametrize("before_epoch, expected", [(None, 0.9), (3, 0.7), (2, 0.7), (1, 0.5), (0, None)])
+def test_best_logged_before_an_epoch(tmp_path, before_epoch, expected):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,val_f1\n0,0.5\n1,0.7\n2,0.6\n3,0.9\n")
+    assert best_logged(path, "val_f1", "max", before_epoch=before_epoch) == expected
+
+
+def _killed_history(path, epochs: int) -> list[str]:
+    """The history.csv a killed run left: ``epochs`` rows whose loss is 100 + epoch."""
+    lines = ["epoch,loss\n"] + [f"{e},{100 + e}\n" for e in range(epochs)]
+    path.write_text("".join(lines))
+    return lines
+
+
+@pytest.mark.parametrize("killed_rows, resumed_at", [
+    (4, 4),  # the backup had every logged epoch: rows appended
+    (4, 3),  # killed after epoch 3's row, before its backup: epoch 3 runs again, its old row goes
+    (4, 2),  # a backup that fell back to an older copy: the rows of both re-run epochs go
+])
+def test_history_csv_keeps_one_row_per_finished_epoch_through_a_resume(tmp_path, killed_rows, resumed_at):
+    from tf_bus.training.callbacks import HistoryCSV
+
+    path = tmp_path / "history.csv"
+    lines = _killed_history(path, killed_rows)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.ones((8, 3), np.float32)
+    model.fit(x, x[:, :1], epochs=6, initial_epoch=resumed_at, verbose=0,
+              callbacks=[HistoryCSV(path, append=True)])
+    out = path.read_text().splitlines(keepends=True)
+    assert [int(line.split(",")[0]) for line in out[1:]] == list(range(6))
+    assert out[:1 + resumed_at] == lines[:1 + resumed_at]  # the header and the kept epochs, untouched
+    assert all(float(line.split(",")[1]) < 100 for line in out[1 + resumed_at:])  # the re-run epochs' new rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]  # no temporary file left
+
+
+def test_history_csv_without_append_starts_afresh(tmp_path):
+    from tf_bus.training.callbacks import HistoryCSV
+
+    path = tmp_path / "history.csv"
+    _killed_history(path, 3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), epochs=2, verbose=0, callbacks=[HistoryCSV(path)])
+    assert [line.split(",")[0] for line in path.read_text().splitlines()] == ["epoch", "0", "1"]
+
+
+def test_best_checkpoint_ignores_the_logged_rows_of_epochs_it_runs_again(tmp_path):
+    """A killed run logged epoch 2 (val_f1 0.95) but its backup had only epochs 0-1; the
+    resumed fit runs epoch 2 again, and only epochs 0-1 (best 0.7) count as the best so far."""
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,val_f1\n0,0.5\n1,0.7\n2,0.95\n")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    cb = BestCheckpoint(tmp_path / "best.keras", "val_f1", "max", history=history)
+    cb.set_model(model)
+    cb.on_train_begin()
+    cb.on_epoch_end(2, {"val_f1": 0.8})
+    assert cb.best == 0.8 and (tmp_path / "best.keras").is_file()
+    cb.on_epoch_end(3, {"val_f1": 0.75})  # read once per fit: 0.8 stays the best
+    assert cb.best == 0.8
+
+
 def test_best_checkpoint_starts_from_the_resumed_best_and_saves_what_it_is_told(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
     path = tmp_path / "best.keras"

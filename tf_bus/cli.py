@@ -414,7 +414,8 @@ def _training_kwargs(args) -> dict:
                                            brightness=args.brightness, contrast=args.contrast),
                 precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
-                deterministic=args.deterministic, profile_batches=args.profile_batches, diagnostics=not args.no_diagnostics, strategy=args.strategy)
+                deterministic=args.deterministic, profile_batches=args.profile_batches,
+                diagnostics=not args.no_diagnostics, strategy=args.strategy)
 
 
 def _train_or_cross_validate(kind: str, train, args, config) -> int:

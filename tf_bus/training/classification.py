@@ -26,7 +26,7 @@ import tensorflow as tf
 from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, LoaderConfig
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
-from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, TimeBudget, best_logged
+from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, TimeBudget
 from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
 from tf_bus.training.precision import set_precision
 
@@ -198,7 +198,7 @@ def train_classifier(
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
     resuming = check_run_dir(run_dir, record, overwrite, outputs=(
-        "best.keras", "last.keras", "history.csv", "history.json", "head.weights.h5"))
+        "best.keras", "last.keras", "history.csv", "history.json", "head.weights.h5"), config_class=ClassifierConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -224,7 +224,9 @@ def train_classifier(
     def callbacks(backup: str) -> list[keras.callbacks.Callback]:
         # With --ema: the backup and the callbacks that stop training before EMAWeights, the
         # checkpoint after it (see EMAWeights).
-        cbs: list[keras.callbacks.Callback] = [backup_and_restore(run_dir / backup, config.strategy), budget]
+        # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
+        cbs: list[keras.callbacks.Callback] = [HistoryCSV(run_dir / "history.csv", append=True),
+                                                backup_and_restore(run_dir / backup, config.strategy), budget]
         if config.early_stopping_patience:
             cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
                                                      patience=config.early_stopping_patience))
@@ -233,8 +235,7 @@ def train_classifier(
         cbs += [
             # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
             BestCheckpoint(run_dir / "best.keras", config.monitor, mode, to_save=inference_model,
-                           initial=best_logged(run_dir / "history.csv", config.monitor, mode)),
-            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+                           history=run_dir / "history.csv"),
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
         ]
         if config.diagnostics:

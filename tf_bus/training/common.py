@@ -73,16 +73,25 @@ def software_record(model: keras.Model) -> dict[str, Any]:
 
 
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
-                  outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json")) -> bool:
+                  outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json"),
+                  config_class: Any = None) -> bool:
     """Returns True when the run in ``run_dir`` resumes (an unfinished run with the same
     config and data). Refuses a finished run unless ``overwrite`` (then removes its
-    ``outputs``) and an unfinished run with another config."""
+    ``outputs``) and an unfinished run with another config. With ``config_class`` (the
+    config's dataclass), a saved config is first read as that class reads it, so a run
+    saved before a field existed resumes when the field's old meaning is today's value."""
     saved = run_dir / "config.json"
     if not saved.exists():
         return False
     old = json.loads(saved.read_text())
     if (run_dir / "backup").exists():
-        if old.get("config") != record["config"] or old.get("data") != record["data"]:
+        old_config = old.get("config")
+        if config_class is not None and isinstance(old_config, dict) and old_config != record["config"]:
+            try:
+                old_config = json.loads(json.dumps(config_class.from_dict(old_config).to_dict()))
+            except (ValueError, TypeError):  # not a config of this class: it differs
+                pass
+        if old_config != record["config"] or old.get("data") != record["data"]:
             raise TfBusError(
                 f"{run_dir}: holds an unfinished run with another config or data; resume it with the "
                 "same flags, or pass another --out."

@@ -5,7 +5,7 @@ RUN_DIR after a run::
     config.json      the SegmenterConfig used, the data path, versions
     best.keras       the model with the best validation Dice
     last.keras       the model at the last epoch
-    history.csv      per-epoch metrics (CSVLogger; appended on resume)
+    history.csv      per-epoch metrics (HistoryCSV; one row per finished epoch, appended on resume)
     history.json     the same, plus wall time and images/s
     logs/            TensorBoard: scalars, overlays, profiler trace (--profile-batches)
     backup/          BackupAndRestore state while a run is unfinished
@@ -30,7 +30,7 @@ from tf_bus.io import write_json_atomic
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
-from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, MaskOverlays, TimeBudget, best_logged
+from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
 from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
 from tf_bus.training.precision import set_precision
 
@@ -84,7 +84,7 @@ def train_segmenter(
     run_dir = worker_run_dir(Path(run_dir).expanduser().resolve(), config.strategy)
     record = {"config": json.loads(json.dumps(config.to_dict())), "data": str(Path(data).expanduser().resolve()),
               "splits_file": str(splits_file) if splits_file else None}
-    resuming = check_run_dir(run_dir, record, overwrite)
+    resuming = check_run_dir(run_dir, record, overwrite, config_class=SegmenterConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -122,16 +122,17 @@ def train_segmenter(
     budget = TimeBudget.for_config(config)
     # Order matters with --ema: the backup and the callbacks that stop training come before
     # EMAWeights, the checkpoint and the overlays after it (see EMAWeights).
-    callbacks: list[keras.callbacks.Callback] = [backup_and_restore(run_dir / "backup", config.strategy), budget]
+    # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
+    callbacks: list[keras.callbacks.Callback] = [
+        HistoryCSV(run_dir / "history.csv", append=resuming),
+        backup_and_restore(run_dir / "backup", config.strategy), budget]
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
                                                        patience=config.early_stopping_patience))
     if config.ema:
         callbacks.append(EMAWeights())
     callbacks += [
-        BestCheckpoint(run_dir / "best.keras", "val_dice", "max",
-                       initial=best_logged(run_dir / "history.csv", "val_dice")),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
+        BestCheckpoint(run_dir / "best.keras", "val_dice", "max", history=run_dir / "history.csv"),
         keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
                                     update_freq="epoch"),
         MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
