@@ -105,7 +105,7 @@ class HistoryCSV(keras.callbacks.CSVLogger):
             return
         self.csv_file.close()
         write_bytes_atomic(path, "".join(keep).encode())
-        self.csv_file = open(path, "a")  # noqa: SIM115  (closed by on_train_end, as Keras' own)
+        self.csv_file = open(path, "a")  # closed by on_train_end, as Keras closes its own
 
 
 class TimeBudget(keras.callbacks.Callback):
