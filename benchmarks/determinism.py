@@ -44,7 +44,7 @@ def child(args) -> dict:
         tf.config.experimental.enable_op_determinism()  # as train-segmenter does for the run
     config = segmenter_config(args, deterministic=deterministic)
     policy = set_precision(config.precision)
-    ds, n = train_dataset(args.data, config, deterministic=deterministic)
+    ds, n = train_dataset(args.data, config)  # the config's loader order (loader_config)
     model = compiled_segmenter(config, int(ds.cardinality()))
     model.fit(ds, epochs=1, verbose=0)  # trace the step, fill the loader's cache
     fit = timed_fit(model, ds, n, args.epochs)

@@ -105,3 +105,19 @@ def test_the_flag_reaches_the_config_each_command_trains_with(command, prepared,
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert config_of(json.loads((out / record).read_text()))["deterministic"] is True
+
+
+@pytest.mark.parametrize("strategy, deterministic, expected", [
+    ("default", False, False),   # tf.data may hand on elements as they finish
+    ("default", True, True),
+    ("mirrored", False, False),
+    ("multiworker", False, True),  # each worker keeps its rows of every global batch
+])
+def test_each_trainers_loaders_keep_their_order_where_they_must(strategy, deterministic, expected):
+    import tf_bus.training.classification as classification
+    import tf_bus.training.segmentation as segmentation
+
+    for module, cls in ((segmentation, SegmenterConfig), (classification, ClassifierConfig)):
+        config = cls(strategy=strategy, deterministic=deterministic)
+        assert module.loader_config(config).deterministic is expected
+        assert module.loader_config(config, batch_size=4, augment=False).deterministic is expected

@@ -27,14 +27,17 @@ from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, Lo
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, TimeBudget
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
+from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
+                                    software_record)
 from tf_bus.training.precision import set_precision
 
 
 def loader_config(config: ClassifierConfig, **overrides) -> LoaderConfig:
-    """The loader settings a classifier run uses: raw [0, 255] pixels (the model preprocesses)."""
+    """The loader settings a classifier run uses: raw [0, 255] pixels (the model preprocesses);
+    the element order fixed where it must be (``ordered``)."""
     base = dict(image_size=config.image_size, channels=config.channels, scale="raw",
-                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation)
+                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation,
+                deterministic=ordered(config))
     return LoaderConfig(**{**base, **overrides})
 
 
@@ -122,21 +125,18 @@ def classifier_data(data: str | os.PathLike, config: ClassifierConfig,
         n_train = len(list_release(root, "train", splits_file=splits_file)[0])
         n_val = len(list_release(root, "validation", splits_file=splits_file)[0])
     val_batch, val_drop = validation_batching(config.batch_size, n_val, replicas)
-    multiworker = config.strategy == "multiworker"
-    ordered = multiworker or config.deterministic  # a fixed element order
     masks = config.mask_loss_weight > 0
     train_ds = _one_hot(classification_dataset(
-        data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1,
-                                     deterministic=ordered), training=True,
+        data, "train", loader_config(config, augment=config.augment, drop_remainder=replicas > 1), training=True,
         splits_file=splits_file,
         balanced=balance == "sampling", include_augmented=include_aug, with_masks=masks))
     if config.mixup > 0:
         train_ds = mixup(train_ds, config.mixup, config.seed + 1)  # + 1: not the augmentation's stream
     val_ds = _one_hot(classification_dataset(data, "validation",
-                                             loader_config(config, deterministic=ordered, batch_size=val_batch,
+                                             loader_config(config, batch_size=val_batch,
                                                            drop_remainder=val_drop),
                                              training=False, splits_file=splits_file, with_masks=masks))
-    if multiworker:
+    if config.strategy == "multiworker":
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     weights = class_weights(data, "train", splits_file=splits_file) if balance == "class_weights" else None
     return ClassifierData(train_ds, val_ds, math.ceil(n_train / config.batch_size), balance, weights)

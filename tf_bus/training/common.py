@@ -30,6 +30,13 @@ def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epoc
     return keras.optimizers.Adam(learning_rate=lr, **averaging)
 
 
+def ordered(config) -> bool:
+    """Whether a training config's loaders must keep their element order: with
+    ``deterministic`` (one seed, one run) and under ``multiworker`` (each worker keeps its
+    rows of every global batch, so all must see the same order)."""
+    return bool(config.deterministic) or config.strategy == "multiworker"
+
+
 @contextlib.contextmanager
 def op_determinism(enabled: bool) -> Iterator[None]:
     """TensorFlow's deterministic kernels while the block runs (``enabled``), as

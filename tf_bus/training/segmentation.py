@@ -31,14 +31,17 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
-from tf_bus.training.common import build_before_fit, check_run_dir, make_optimizer, op_determinism, software_record
+from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
+                                    software_record)
 from tf_bus.training.precision import set_precision
 
 
 def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
-    """The loader settings a segmenter run uses (one place, for training and evaluation)."""
+    """The loader settings a segmenter run uses (one place, for training and evaluation).
+    The element order is fixed where it must be (``ordered``)."""
     base = dict(image_size=config.image_size, channels=config.channels, scale="unit",
-                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation)
+                batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation,
+                deterministic=ordered(config))
     return LoaderConfig(**{**base, **overrides})
 
 
@@ -89,18 +92,14 @@ def train_segmenter(
     policy = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
-    # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no
-    # rows are NaN), and multi-worker DATA sharding needs the same element order everywhere.
-    distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1,
-                       deterministic=config.deterministic or config.strategy == "multiworker",
-                       lesion_only=config.lesion_only)
+    # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no rows are NaN).
+    distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1, lesion_only=config.lesion_only)
     train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                     training=True, splits_file=splits_file)
     n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
     val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
     val_ds = segmentation_dataset(data, "validation",
-                                  loader_config(config, deterministic=distributed["deterministic"],
-                                                lesion_only=config.lesion_only, batch_size=val_batch,
+                                  loader_config(config, lesion_only=config.lesion_only, batch_size=val_batch,
                                                 drop_remainder=val_drop),
                                   training=False, splits_file=splits_file)
     steps = int(train_ds.cardinality())
