@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -99,6 +100,39 @@ def test_evaluate_cli_schema(tiny_run, prepared):
     assert (run / "eval_test" / "overlays.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_path):
+    import numpy as np
+
+    from tf_bus.export import export_run
+
+    run = tmp_path / "run"
+    p = _cli("train-segmenter", "--data", str(prepared), "--out", str(run), *TINY, "--epochs", "1", "--no-diagnostics",
+             "--attention-gates", "--transformer-blocks", "1", "--transformer-heads", "2")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    cfg, _ = load_run_config(run)
+    assert (cfg.attention_gates, cfg.transformer_blocks, cfg.transformer_heads) == (True, 1, 2)
+    model = keras.saving.load_model(run / "best.keras")
+    assert model.get_layer("bottleneck_transformer0").num_heads == 2 and model.get_layer("up0_attention_gate")
+    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared), "--tta")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert json.loads((run / "eval_test" / "metrics.json").read_text())["aggregate"]["lesion_images"]["n"] > 0
+    info = export_run(run, tmp_path / "models", "seg")
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    served = tf.saved_model.load(info["path"]).signatures["predict_tensor"](images=tf.constant(x * 255.0))
+    np.testing.assert_allclose(served["mask_probabilities"].numpy(), model(x, training=False).numpy()[..., 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,message", [(dict(transformer_blocks=-1), "transformer_blocks"),
+                                         (dict(transformer_blocks=1, transformer_heads=3), "must divide the bottleneck's 512"),
+                                         (dict(transformer_blocks=1, transformer_heads=0), "transformer_heads")])
+def test_bad_attention_settings(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        SegmenterConfig(**bad)
+    assert SegmenterConfig(transformer_heads=3).transformer_heads == 3, "heads are only checked with blocks"
+
+
 def test_lesion_only_trains_without_normals_and_evaluation_still_scores_them(prepared, tmp_path):
     from tf_bus.data.pipeline import count_segmentation_examples
     from tf_bus.evaluation import evaluate_segmenter
@@ -189,6 +223,36 @@ def test_bad_config_values():
         SegmenterConfig(loss="dicey")
     with pytest.raises(ConfigError, match="profile_batches"):
         SegmenterConfig(profile_batches=(5, 2))
+
+
+@pytest.mark.parametrize("before", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_precision_policy_restores_the_policy_before_it(before, fails):
+    from tf_bus.training.precision import precision_policy
+
+    other = "float32" if before == "mixed_bfloat16" else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(before)
+    try:
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            with precision_policy(other) as policy:
+                assert policy == other == keras.mixed_precision.global_policy().name
+                if fails:
+                    raise RuntimeError("bad data")
+        assert keras.mixed_precision.global_policy().name == before
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("trainer", ["segmenter", "classifier"])
+def test_a_run_that_fails_on_its_data_leaves_the_precision_as_it_was(trainer, tmp_path):
+    from tf_bus.training.classification import train_classifier
+
+    (tmp_path / "data" / "train").mkdir(parents=True)  # a folder that is no layout
+    train, config = {"segmenter": (train_segmenter, tiny_config(precision="mixed_bfloat16")),
+                     "classifier": (train_classifier, ClassifierConfig(image_size=(32, 32), precision="mixed_bfloat16"))}[trainer]
+    with pytest.raises(TfBusError):
+        train(tmp_path / "data", tmp_path / "run", config, verbose=0)
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 @pytest.mark.parametrize("flags,expected", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),

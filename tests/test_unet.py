@@ -10,7 +10,7 @@ from tf_bus.config import LoaderConfig
 from tf_bus.data.pipeline import segmentation_dataset
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore
-from tf_bus.models.unet import UNet
+from tf_bus.models.unet import TransformerBlock, UNet
 
 CASES = [
     # (kwargs, input shape, expected output shape)
@@ -19,6 +19,12 @@ CASES = [
     (dict(image_size=(None, None), channels=1, depth=2, base_filters=8), (1, 64, 32, 1), (1, 64, 32, 1)),
     (dict(image_size=(188, 188), channels=1, depth=2, base_filters=8, padding="valid"), (1, 188, 188, 1), (1, 148, 148, 1)),
     (dict(image_size=(32, 32), depth=1, base_filters=4, batch_norm=False, dropout=0.0), (2, 32, 32, 3), (2, 32, 32, 1)),
+    (dict(image_size=(32, 32), channels=1, depth=2, base_filters=8, attention_gates=True, transformer_blocks=2,
+          transformer_heads=2), (2, 32, 32, 1), (2, 32, 32, 1)),
+    (dict(image_size=(None, None), channels=1, depth=2, base_filters=8, attention_gates=True, transformer_blocks=1),
+     (1, 64, 32, 1), (1, 64, 32, 1)),
+    (dict(image_size=(188, 188), channels=1, depth=2, base_filters=8, padding="valid", attention_gates=True,
+          transformer_blocks=1), (1, 188, 188, 1), (1, 148, 148, 1)),
 ]
 
 
@@ -30,7 +36,7 @@ def test_output_shapes_and_range(kwargs, in_shape, out_shape):
     assert 0.0 <= y.min() and y.max() <= 1.0
 
 
-@pytest.mark.parametrize("kwargs,in_shape,out_shape", CASES[:2])
+@pytest.mark.parametrize("kwargs,in_shape,out_shape", CASES[:2] + CASES[5:6])
 def test_config_round_trip_and_save(kwargs, in_shape, out_shape, tmp_path):
     model = UNet(**kwargs)
     assert UNet.from_config(model.get_config()).get_config() == model.get_config()
@@ -45,6 +51,12 @@ def test_every_layer_is_named_after_its_block():
     names = [layer.name for layer in model.layers]
     assert "down0_conv1" in names and "bottleneck_conv2" in names and "up0_concat" in names
     assert names[-1] == "mask"
+    assert not any("attention" in n or "transformer" in n for n in names)
+    model = UNet(image_size=(32, 32), depth=2, base_filters=4, attention_gates=True, transformer_blocks=2)
+    names = [layer.name for layer in model.layers]
+    for level in (0, 1):
+        assert f"up{level}_attention_alpha" in names and f"up{level}_attention_gate" in names
+    assert [n for n in names if "transformer" in n] == ["bottleneck_transformer0", "bottleneck_transformer1"]
 
 
 ILL_CASES = [
@@ -54,6 +66,8 @@ ILL_CASES = [
     (dict(padding="full"), "padding"),
     (dict(image_size=(None, None), padding="valid"), "static image_size"),
     (dict(image_size=(100, 100), depth=4), "divisible"),
+    (dict(transformer_blocks=-1), "transformer_blocks"),
+    (dict(depth=2, base_filters=6, transformer_blocks=1, transformer_heads=5), "transformer_heads"),
 ]
 
 
@@ -63,13 +77,56 @@ def test_bad_arguments(kwargs, message):
         UNet(**kwargs)
 
 
-@pytest.mark.parametrize("loss", ["bce", "dice", "bce_dice", "focal_tversky"])
-def test_a_few_steps_lower_the_loss(loss, prepared):
+@pytest.mark.parametrize("loss,attention", [("bce", {}), ("dice", {}), ("bce_dice", {}), ("focal_tversky", {}),
+                                            ("bce_dice", dict(attention_gates=True, transformer_blocks=2))])
+def test_a_few_steps_lower_the_loss(loss, attention, prepared):
     keras.utils.set_random_seed(1)
     cfg = LoaderConfig(image_size=(32, 32), batch_size=8, shuffle=False, augment=False)
     x, y = (t.numpy() for t in next(iter(segmentation_dataset(prepared, "train", cfg))))
-    model = UNet(image_size=(32, 32), depth=2, base_filters=8)
+    model = UNet(image_size=(32, 32), depth=2, base_filters=8, **attention)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=get_loss(loss), metrics=[DiceScore()])
     history = model.fit(x, y, epochs=12, batch_size=8, verbose=0).history["loss"]
     # Training-mode losses (inference mode would use BatchNorm statistics not yet settled).
     assert min(history[-3:]) < history[0], (loss, history)
+
+
+def _gate_outputs(model, x):
+    """(skip, coefficients, gated skip) of the finest level's attention gate."""
+    probe = keras.Model(model.input, [model.get_layer("down0_relu2").output, model.get_layer("up0_attention_alpha").output,
+                                      model.get_layer("up0_attention_gate").output])
+    return [np.asarray(t, dtype="float32") for t in probe(x, training=False)]
+
+
+def test_attention_gate_scales_each_position_of_the_skip():
+    keras.utils.set_random_seed(3)
+    model = UNet(image_size=(32, 32), channels=1, depth=2, base_filters=4, attention_gates=True)
+    skip, alpha, gated = _gate_outputs(model, np.random.rand(2, 32, 32, 1).astype("float32"))
+    assert alpha.shape == (2, 32, 32, 1) and 0.0 < alpha.min() and alpha.max() < 1.0
+    assert alpha.std() > 0, "one coefficient per position, not one for the map"
+    np.testing.assert_allclose(gated, skip * alpha, rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_block_starts_as_the_identity_and_sees_every_position():
+    keras.utils.set_random_seed(4)
+    x = np.random.rand(2, 4, 6, 8).astype("float32")
+    identity = TransformerBlock(num_heads=2, layer_scale=0.0)
+    np.testing.assert_array_equal(np.asarray(identity(x)), x)
+    default = TransformerBlock(num_heads=2)
+    assert 0 < np.abs(np.asarray(default(x)) - x).max() < 1e-2, "LayerScale 1e-4: close to the identity"
+    # Trained weights (here: a scale of 1 and a random position kernel): a change at one corner
+    # reaches the opposite corner, beyond a 3x3 convolution's reach.
+    block = TransformerBlock(num_heads=2, layer_scale=1.0)
+    block.build(x.shape)
+    block.position.kernel.assign(np.random.normal(size=(3, 3, 8, 1)).astype("float32"))
+    moved = x.copy()
+    moved[:, 0, 0, :] += 1.0
+    delta = np.abs(np.asarray(block(moved)) - np.asarray(block(x)))
+    assert delta[:, -1, -1, :].max() > 1e-4
+    again = TransformerBlock.from_config(block.get_config())
+    assert again.get_config() == block.get_config()
+
+
+@pytest.mark.parametrize("bad", [dict(num_heads=0), dict(mlp_ratio=0)])
+def test_transformer_block_bad_arguments(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TransformerBlock(**bad)

@@ -463,6 +463,15 @@ def _add_train_segmenter(sub) -> None:
                    help=f"transposed conv or bilinear resize + conv (default: {d.upsampling})")
     p.add_argument("--padding", choices=("same", "valid"), default=d.padding,
                    help=f"same: output at input size; valid: the paper's unpadded U-Net (default: {d.padding})")
+    p.add_argument("--attention-gates", action=argparse.BooleanOptionalAction, default=d.attention_gates,
+                   help="pass each skip through an additive attention gate (Attention U-Net, Oktay et al. 2018) "
+                        f"before the decoder concatenates it (default: {'on' if d.attention_gates else 'off'})")
+    p.add_argument("--transformer-blocks", type=int, default=d.transformer_blocks,
+                   help="transformer blocks (self-attention over every position, then an MLP) after the "
+                        f"bottleneck's convolutions, as in TransUNet; 0: none (default: {d.transformer_blocks})")
+    p.add_argument("--transformer-heads", type=int, default=d.transformer_heads,
+                   help="attention heads of those blocks; must divide base_filters * 2**depth "
+                        f"(default: {d.transformer_heads})")
     p.add_argument("--loss", choices=("bce", "dice", "bce_dice", "focal_tversky"), default=d.loss,
                    help=f"training loss (default: {d.loss})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
@@ -484,7 +493,8 @@ def _cmd_train_segmenter(args) -> int:
 
     config = SegmenterConfig(
         image_size=args.image_size, channels=args.channels, depth=args.depth, base_filters=args.base_filters,
-        dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, loss=args.loss,
+        dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, attention_gates=args.attention_gates,
+        transformer_blocks=args.transformer_blocks, transformer_heads=args.transformer_heads, loss=args.loss,
         epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold, lesion_only=args.lesion_only,
         **_training_kwargs(args),
     )

@@ -389,6 +389,9 @@ class SegmenterConfig(_TrainingConfig):
         channels: 1 (grey: BUSI is grey) or 3.
         depth, base_filters, batch_norm, dropout, upsampling, padding: the U-Net
             (see ``tf_bus.models.unet.UNet``).
+        attention_gates, transformer_blocks, transformer_heads: its attention options
+            (Attention U-Net gates on the skips; transformer blocks at the bottleneck), off
+            by default (README, "Attention").
         loss: ``bce``, ``dice``, ``bce_dice`` or ``focal_tversky``.
         epochs: maximum epochs.
         batch_size: global batch size.
@@ -440,6 +443,9 @@ class SegmenterConfig(_TrainingConfig):
     dropout: float = 0.1
     upsampling: str = "transpose"
     padding: str = "same"
+    attention_gates: bool = False
+    transformer_blocks: int = 0
+    transformer_heads: int = 4
     loss: str = "bce_dice"
     # Batch 32 for 120 epochs at 4e-3 (the rate of batch 8 scaled by sqrt(4)): five-fold CV
     # Dice 0.744 against 0.738 for batch 8 / 60 epochs / 2e-3, in about the same wall time, at
@@ -471,6 +477,14 @@ class SegmenterConfig(_TrainingConfig):
         self._check_common()
         if self.loss not in ("bce", "dice", "bce_dice", "focal_tversky"):
             raise ConfigError(f"`loss` must be bce, dice, bce_dice or focal_tversky. Received: loss={self.loss!r}")
+        if self.transformer_blocks < 0:
+            raise ConfigError(f"`transformer_blocks` must be >= 0. Received: transformer_blocks={self.transformer_blocks}")
+        bottleneck = self.base_filters * 2 ** self.depth
+        if self.transformer_blocks and (self.transformer_heads < 1 or bottleneck % self.transformer_heads):
+            raise ConfigError(
+                f"`transformer_heads` must divide the bottleneck's {bottleneck} channels (base_filters * 2**depth). "
+                f"Received: transformer_heads={self.transformer_heads}"
+            )
 
 
 #: What may pick the classifier's best checkpoint, and whether lower or higher is better.

@@ -6,6 +6,20 @@ each level), a bottleneck, and an expanding path (up-sampling, concatenation wit
 skip of the same level, two 3x3 convs), ending in a 1x1 conv with a sigmoid.
 ``padding="same"`` keeps the output at the input size; ``padding="valid"`` is the paper's
 unpadded variant, where skips are centre-cropped and the output is smaller than the input.
+
+Two options add attention, both off by default:
+
+- ``attention_gates``: each skip passes an additive attention gate before the
+  concatenation (Oktay et al., "Attention U-Net: Learning Where to Look for the
+  Pancreas", MIDL 2018, arXiv:1804.03999): the decoder's up-sampled features say where
+  the skip's fine features count, so responses far from the lesion can be damped.
+- ``transformer_blocks``: pre-norm transformer blocks (multi-head self-attention over the
+  bottleneck's positions, then an MLP) after the bottleneck's convolutions, as TransUNet
+  (Chen et al. 2021, arXiv:2102.04306) does with a from-scratch encoder here. Every position
+  of the coarsest map attends to every other, so distant regions can be compared. The
+  position is encoded by a depthwise 3x3 convolution before each block (Chu et al.,
+  "Conditional Positional Encodings for Vision Transformers", ICLR 2023), which works at
+  any image size.
 """
 
 from __future__ import annotations
@@ -32,6 +46,98 @@ def apply_conv_block(x, filters: int, *, batch_norm: bool, dropout: float, paddi
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
     return x
+
+
+def apply_attention_gate(skip, gate, *, filters: int, name: str):
+    """Additive attention gate (Oktay et al. 2018): ``skip * sigmoid(psi(relu(theta(skip) + phi(gate))))``.
+
+    ``gate`` is the decoder's up-sampled map at the skip's resolution; ``theta``, ``phi`` and
+    ``psi`` are 1x1 convolutions (``filters`` channels, then one). Returns the skip scaled
+    per position by a coefficient in (0, 1); the coefficients are the layer ``{name}_alpha``.
+    """
+    theta = layers.Conv2D(filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_theta")(skip)
+    phi = layers.Conv2D(filters, 1, kernel_initializer="he_normal", name=f"{name}_phi")(gate)
+    x = layers.Add(name=f"{name}_add")([theta, phi])
+    x = layers.Activation("relu", name=f"{name}_relu")(x)
+    alpha = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_alpha")(x)
+    return layers.Multiply(name=f"{name}_gate")([skip, alpha])
+
+
+@keras.saving.register_keras_serializable(package="tf_bus")
+class TransformerBlock(layers.Layer):
+    """A pre-norm transformer block over the positions of a (B, H, W, C) map.
+
+    ``x + dwconv3x3(x)`` (conditional position encoding), then over the H*W tokens
+    ``t + g1 * MHSA(LN(t))`` and ``t + g2 * MLP(LN(t))`` (GELU, ``mlp_ratio * C`` hidden
+    units); returns (B, H, W, C). Works for any H and W.
+
+    The block starts as the identity: the depthwise kernel starts at zero and ``g1``, ``g2``
+    are per-channel scales starting at ``layer_scale`` (LayerScale, Touvron et al., "Going
+    deeper with Image Transformers", ICCV 2021), so a U-Net with these blocks first trains
+    like one without. Without LayerScale, two blocks slowed the U-Net's first epochs on BUSI
+    (README, "Attention").
+
+    Args:
+        num_heads: attention heads; C must be divisible by it.
+        mlp_ratio: hidden width of the MLP over C.
+        dropout: dropout of the attention weights and of the MLP's output.
+        layer_scale: initial value of ``g1`` and ``g2``.
+    """
+
+    def __init__(self, num_heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0, layer_scale: float = 1e-4,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_heads < 1:
+            raise ValueError(f"`num_heads` must be >= 1. Received: num_heads={num_heads}")
+        if mlp_ratio < 1:
+            raise ValueError(f"`mlp_ratio` must be >= 1. Received: mlp_ratio={mlp_ratio}")
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        self.layer_scale = layer_scale
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.num_heads:
+            raise ValueError(f"The block's {channels} channels must be divisible by `num_heads`={self.num_heads}.")
+        self.position = layers.DepthwiseConv2D(3, padding="same", use_bias=False, depthwise_initializer="zeros",
+                                               dtype=self.dtype_policy, name="position")
+        self.position.build(input_shape)
+        tokens = (None, None, channels)
+        self.norm1 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="norm1")
+        self.norm1.build(tokens)
+        self.attention = layers.MultiHeadAttention(self.num_heads, channels // self.num_heads, dropout=self.dropout,
+                                                   dtype=self.dtype_policy, name="attention")
+        self.attention.build(tokens, tokens)
+        self.norm2 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="norm2")
+        self.norm2.build(tokens)
+        self.mlp_hidden = layers.Dense(self.mlp_ratio * channels, activation="gelu", dtype=self.dtype_policy,
+                                       name="mlp_hidden")
+        self.mlp_hidden.build(tokens)
+        self.mlp_out = layers.Dense(channels, dtype=self.dtype_policy, name="mlp_out")
+        self.mlp_out.build((None, None, self.mlp_ratio * channels))
+        self.mlp_dropout = layers.Dropout(self.dropout, name="mlp_dropout")
+        scale = keras.initializers.Constant(self.layer_scale)
+        self.gamma_attention = self.add_weight(shape=(channels,), initializer=scale, name="gamma_attention")
+        self.gamma_mlp = self.add_weight(shape=(channels,), initializer=scale, name="gamma_mlp")
+        super().build(input_shape)
+
+    def call(self, x, training=None):
+        x = x + self.position(x)
+        shape = keras.ops.shape(x)
+        tokens = keras.ops.reshape(x, (shape[0], shape[1] * shape[2], shape[3]))
+        y = self.norm1(tokens)
+        tokens = tokens + self.gamma_attention * self.attention(y, y, training=training)
+        y = self.mlp_out(self.mlp_hidden(self.norm2(tokens)))
+        tokens = tokens + self.gamma_mlp * self.mlp_dropout(y, training=training)
+        return keras.ops.reshape(tokens, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "dropout": self.dropout, "layer_scale": self.layer_scale}
 
 
 def _center_crop(skip, target, name: str):
@@ -66,6 +172,11 @@ class UNet(keras.Model):
             (``tf_bus.models.normalization.BatchNormalization``: the same arithmetic and
             weights as Keras' layer; U-Net training 1.1x to 1.6x faster on a CPU); False
             uses ``keras.layers.BatchNormalization`` as it is.
+        attention_gates: pass each skip through an additive attention gate
+            (``apply_attention_gate``) gated by the decoder's up-sampled map.
+        transformer_blocks: ``TransformerBlock``s after the bottleneck's convolutions (0: none).
+        transformer_heads: their attention heads; ``base_filters * 2**depth`` must be
+            divisible by it.
 
     Input: float32 (B, H, W, channels) in [0, 1].
     Output: float32 (B, H', W', 1) probabilities (sigmoid), H' = H for ``"same"``.
@@ -83,6 +194,9 @@ class UNet(keras.Model):
         padding: str = "same",
         sync_batch_norm: bool = False,
         fused_batch_norm: bool = True,
+        attention_gates: bool = False,
+        transformer_blocks: int = 0,
+        transformer_heads: int = 4,
         **kwargs,
     ):
         image_size = tuple(image_size)
@@ -92,6 +206,13 @@ class UNet(keras.Model):
             raise ValueError(f"`depth` must be >= 1. Received: depth={depth}")
         if base_filters < 1:
             raise ValueError(f"`base_filters` must be >= 1. Received: base_filters={base_filters}")
+        if transformer_blocks < 0:
+            raise ValueError(f"`transformer_blocks` must be >= 0. Received: transformer_blocks={transformer_blocks}")
+        if transformer_blocks and (transformer_heads < 1 or (base_filters * 2 ** depth) % transformer_heads):
+            raise ValueError(
+                f"`transformer_heads` must divide the bottleneck's base_filters * 2**depth = {base_filters * 2 ** depth} "
+                f"channels. Received: transformer_heads={transformer_heads}"
+            )
         if upsampling not in ("transpose", "resize"):
             raise ValueError(f"`upsampling` must be 'transpose' or 'resize'. Received: upsampling={upsampling!r}")
         if padding not in ("same", "valid"):
@@ -117,6 +238,8 @@ class UNet(keras.Model):
         x = apply_conv_block(x, base_filters * 2 ** depth, batch_norm=batch_norm, dropout=dropout,
                              padding=padding, name="bottleneck", sync_batch_norm=sync_batch_norm,
                              fused_batch_norm=fused_batch_norm)
+        for block in range(transformer_blocks):
+            x = TransformerBlock(transformer_heads, dropout=dropout, name=f"bottleneck_transformer{block}")(x)
         for level in reversed(range(depth)):
             filters = base_filters * 2 ** level
             if upsampling == "transpose":
@@ -125,6 +248,8 @@ class UNet(keras.Model):
                 x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{level}_resize")(x)
                 x = layers.Conv2D(filters, 3, padding="same", name=f"up{level}_conv")(x)
             skip = _center_crop(skips[level], x, name=f"up{level}_crop") if padding == "valid" else skips[level]
+            if attention_gates:
+                skip = apply_attention_gate(skip, x, filters=max(filters // 2, 1), name=f"up{level}_attention")
             x = layers.Concatenate(name=f"up{level}_concat")([skip, x])
             x = apply_conv_block(x, filters, batch_norm=batch_norm, dropout=0.0, padding=padding, name=f"up{level}",
                                  sync_batch_norm=sync_batch_norm, fused_batch_norm=fused_batch_norm)
@@ -141,6 +266,9 @@ class UNet(keras.Model):
         self.padding = padding
         self.sync_batch_norm = sync_batch_norm
         self.fused_batch_norm = fused_batch_norm
+        self.attention_gates = attention_gates
+        self.transformer_blocks = transformer_blocks
+        self.transformer_heads = transformer_heads
 
     def get_config(self):
         return {
@@ -156,6 +284,9 @@ class UNet(keras.Model):
             "padding": self.padding,
             "sync_batch_norm": self.sync_batch_norm,
             "fused_batch_norm": self.fused_batch_norm,
+            "attention_gates": self.attention_gates,
+            "transformer_blocks": self.transformer_blocks,
+            "transformer_heads": self.transformer_heads,
         }
 
     @classmethod

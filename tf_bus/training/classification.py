@@ -29,7 +29,7 @@ from tf_bus.models.classifier import build_classifier, inference_model, set_trai
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, TimeBudget
 from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
                                     software_record)
-from tf_bus.training.precision import set_precision
+from tf_bus.training.precision import precision_policy
 
 
 def loader_config(config: ClassifierConfig, **overrides) -> LoaderConfig:
@@ -200,64 +200,63 @@ def train_classifier(
     resuming = check_run_dir(run_dir, record, overwrite, outputs=(
         "best.keras", "last.keras", "history.csv", "history.json", "head.weights.h5"), config_class=ClassifierConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
-    policy = set_precision(config.precision)
-    keras.utils.set_random_seed(config.seed)
-    # Built before any data is read, so a bad --weights fails fast.
-    with strategy.scope():
-        model = build_training_model(config)
+    with precision_policy(config.precision) as policy:
+        keras.utils.set_random_seed(config.seed)
+        # Built before any data is read, so a bad --weights fails fast.
+        with strategy.scope():
+            model = build_training_model(config)
 
-    data_ = classifier_data(data, config, splits_file, replicas=strategy.num_replicas_in_sync)
-    train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
-    weights_by_class = data_.class_weight
-    write_json_atomic(run_dir / "config.json", {
-        **record, "precision": policy, "replicas": strategy.num_replicas_in_sync, "balance_used": balance,
-        **software_record(model),
-    })
+        data_ = classifier_data(data, config, splits_file, replicas=strategy.num_replicas_in_sync)
+        train_ds, val_ds, steps, balance = data_.train, data_.validation, data_.steps, data_.balance
+        weights_by_class = data_.class_weight
+        write_json_atomic(run_dir / "config.json", {
+            **record, "precision": policy, "replicas": strategy.num_replicas_in_sync, "balance_used": balance,
+            **software_record(model),
+        })
 
-    budget = TimeBudget.for_config(config)
-    logs = run_dir / "logs"
-    # The diagnostics' probe batch (under multiworker: this worker's rows of the first batch).
-    sample = next(iter(val_ds)) if config.diagnostics else None
+        budget = TimeBudget.for_config(config)
+        logs = run_dir / "logs"
+        # The diagnostics' probe batch (under multiworker: this worker's rows of the first batch).
+        sample = next(iter(val_ds)) if config.diagnostics else None
 
-    mode = CLASSIFIER_MONITORS[config.monitor]
+        mode = CLASSIFIER_MONITORS[config.monitor]
 
-    def callbacks(backup: str) -> list[keras.callbacks.Callback]:
-        # With --ema: the backup and the callbacks that stop training before EMAWeights, the
-        # checkpoint after it (see EMAWeights).
-        # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
-        cbs: list[keras.callbacks.Callback] = [HistoryCSV(run_dir / "history.csv", append=True),
-                                                backup_and_restore(run_dir / backup, config.strategy), budget]
-        if config.early_stopping_patience:
-            cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
-                                                     patience=config.early_stopping_patience))
-        if config.ema:
-            cbs.append(EMAWeights())
-        cbs += [
-            # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
-            BestCheckpoint(run_dir / "best.keras", config.monitor, mode, to_save=inference_model,
-                           history=run_dir / "history.csv"),
-            keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
-        ]
-        if config.diagnostics:
-            from tf_bus.training.diagnostics import TrainingDiagnostics
+        def callbacks(backup: str) -> list[keras.callbacks.Callback]:
+            # With --ema: the backup and the callbacks that stop training before EMAWeights, the
+            # checkpoint after it (see EMAWeights).
+            # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
+            cbs: list[keras.callbacks.Callback] = [HistoryCSV(run_dir / "history.csv", append=True),
+                                                    backup_and_restore(run_dir / backup, config.strategy), budget]
+            if config.early_stopping_patience:
+                cbs.append(keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode,
+                                                         patience=config.early_stopping_patience))
+            if config.ema:
+                cbs.append(EMAWeights())
+            cbs += [
+                # Starts from the best epoch logged so far: a resumed run's, or the head phase's.
+                BestCheckpoint(run_dir / "best.keras", config.monitor, mode, to_save=inference_model,
+                               history=run_dir / "history.csv"),
+                keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0),
+            ]
+            if config.diagnostics:
+                from tf_bus.training.diagnostics import TrainingDiagnostics
 
-            cbs.append(TrainingDiagnostics(run_dir, sample))
-        if config.schedule == "plateau":
-            cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3))
-        return cbs
+                cbs.append(TrainingDiagnostics(run_dir, sample))
+            if config.schedule == "plateau":
+                cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3))
+            return cbs
 
-    fit_kw = dict(validation_data=val_ds, class_weight=weights_by_class, verbose=verbose, shuffle=False,
-                  steps_per_epoch=steps if balance == "sampling" else None)
-    history: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    pretrained = config.weights is not None
-    head_epochs = min(config.head_epochs, config.epochs) if pretrained else 0
-    head_file = run_dir / "head.weights.h5"
-    # Under multiworker the chief's files decide (a worker killed between the chief's write
-    # and its own must not train the head again); the fine-tuning phase's backup then
-    # gives every worker the chief's weights.
-    head_done = chief_decides(head_file.exists(), config.strategy)
-    try:
+        fit_kw = dict(validation_data=val_ds, class_weight=weights_by_class, verbose=verbose, shuffle=False,
+                      steps_per_epoch=steps if balance == "sampling" else None)
+        history: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        pretrained = config.weights is not None
+        head_epochs = min(config.head_epochs, config.epochs) if pretrained else 0
+        head_file = run_dir / "head.weights.h5"
+        # Under multiworker the chief's files decide (a worker killed between the chief's write
+        # and its own must not train the head again); the fine-tuning phase's backup then
+        # gives every worker the chief's weights.
+        head_done = chief_decides(head_file.exists(), config.strategy)
         with worker_failures(config.strategy), op_determinism(config.deterministic):
             if head_epochs and not head_done:
                 set_trainable_stages(model, 0)
@@ -279,8 +278,6 @@ def train_classifier(
                 for k, v in h.history.items():
                     history.setdefault(k, []).extend(float(x) for x in v)
         inference_model(model).save(run_dir / "last.keras")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     wall = time.perf_counter() - t0
     epochs_run = len(history.get("loss", []))
     summary = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -54,3 +56,15 @@ def set_precision(name: str) -> str:
     policy = resolve_precision(name)
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+@contextlib.contextmanager
+def precision_policy(name: str) -> Iterator[str]:
+    """``set_precision(name)`` while the block runs; yields the policy set. The process's
+    policy before it is restored afterwards, also when the block raises (a training run that
+    fails on bad data must not leave the caller's later models in bfloat16)."""
+    before = keras.mixed_precision.global_policy()
+    try:
+        yield set_precision(name)
+    finally:
+        keras.mixed_precision.set_global_policy(before)

@@ -33,7 +33,7 @@ from tf_bus.models.unet import UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
 from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
                                     software_record)
-from tf_bus.training.precision import set_precision
+from tf_bus.training.precision import precision_policy
 
 
 def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
@@ -49,7 +49,9 @@ def build_segmenter(config: SegmenterConfig, replicas: int = 1) -> UNet:
     """The run's U-Net; with several replicas its batch norm is synchronised across them."""
     return UNet(image_size=config.image_size, channels=config.channels, depth=config.depth,
                 base_filters=config.base_filters, batch_norm=config.batch_norm, dropout=config.dropout,
-                upsampling=config.upsampling, padding=config.padding, sync_batch_norm=replicas > 1, name="unet")
+                upsampling=config.upsampling, padding=config.padding, sync_batch_norm=replicas > 1,
+                attention_gates=config.attention_gates, transformer_blocks=config.transformer_blocks,
+                transformer_heads=config.transformer_heads, name="unet")
 
 
 def train_segmenter(
@@ -89,68 +91,65 @@ def train_segmenter(
               "splits_file": str(splits_file) if splits_file else None}
     resuming = check_run_dir(run_dir, record, overwrite, config_class=SegmenterConfig)
     run_dir.mkdir(parents=True, exist_ok=True)
-    policy = set_precision(config.precision)
-    keras.utils.set_random_seed(config.seed)
+    with precision_policy(config.precision) as policy:
+        keras.utils.set_random_seed(config.seed)
 
-    # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no rows are NaN).
-    distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1, lesion_only=config.lesion_only)
-    train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
-                                    training=True, splits_file=splits_file)
-    n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
-    val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
-    val_ds = segmentation_dataset(data, "validation",
-                                  loader_config(config, lesion_only=config.lesion_only, batch_size=val_batch,
-                                                drop_remainder=val_drop),
-                                  training=False, splits_file=splits_file)
-    steps = int(train_ds.cardinality())
-    n_train = count_segmentation_examples(data, "train", splits_file=splits_file, lesion_only=config.lesion_only)
-    val_images, val_masks = next(iter(val_ds))
-    if config.strategy == "multiworker":
-        train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
-    with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
-        model = build_segmenter(config, strategy.num_replicas_in_sync)
-        model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
-                                                config.epochs, steps, config.weight_decay, config.ema), loss=get_loss(config.loss),
-                      metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
-        build_before_fit(model)
-    write_json_atomic(run_dir / "config.json", {
-        **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
-        **software_record(model),
-    })
-    logs = run_dir / "logs"
-    budget = TimeBudget.for_config(config)
-    # Order matters with --ema: the backup and the callbacks that stop training come before
-    # EMAWeights, the checkpoint and the overlays after it (see EMAWeights).
-    # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
-    callbacks: list[keras.callbacks.Callback] = [
-        HistoryCSV(run_dir / "history.csv", append=resuming),
-        backup_and_restore(run_dir / "backup", config.strategy), budget]
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
-                                                       patience=config.early_stopping_patience))
-    if config.ema:
-        callbacks.append(EMAWeights())
-    callbacks += [
-        BestCheckpoint(run_dir / "best.keras", "val_dice", "max", history=run_dir / "history.csv"),
-        keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
-                                    update_freq="epoch"),
-        MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
-    ]
-    if config.diagnostics:
-        from tf_bus.training.diagnostics import TrainingDiagnostics
+        # Several replicas: no replica may get an empty last batch (BatchNorm's moments of no rows are NaN).
+        distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1, lesion_only=config.lesion_only)
+        train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
+                                        training=True, splits_file=splits_file)
+        n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
+        val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
+        val_ds = segmentation_dataset(data, "validation",
+                                      loader_config(config, lesion_only=config.lesion_only, batch_size=val_batch,
+                                                    drop_remainder=val_drop),
+                                      training=False, splits_file=splits_file)
+        steps = int(train_ds.cardinality())
+        n_train = count_segmentation_examples(data, "train", splits_file=splits_file, lesion_only=config.lesion_only)
+        val_images, val_masks = next(iter(val_ds))
+        if config.strategy == "multiworker":
+            train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
+        with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
+            model = build_segmenter(config, strategy.num_replicas_in_sync)
+            model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
+                                                    config.epochs, steps, config.weight_decay, config.ema), loss=get_loss(config.loss),
+                          metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
+            build_before_fit(model)
+        write_json_atomic(run_dir / "config.json", {
+            **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
+            **software_record(model),
+        })
+        logs = run_dir / "logs"
+        budget = TimeBudget.for_config(config)
+        # Order matters with --ema: the backup and the callbacks that stop training come before
+        # EMAWeights, the checkpoint and the overlays after it (see EMAWeights).
+        # The epoch's row goes to history.csv before the backup counts the epoch as done (HistoryCSV).
+        callbacks: list[keras.callbacks.Callback] = [
+            HistoryCSV(run_dir / "history.csv", append=resuming),
+            backup_and_restore(run_dir / "backup", config.strategy), budget]
+        if config.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_dice", mode="max",
+                                                           patience=config.early_stopping_patience))
+        if config.ema:
+            callbacks.append(EMAWeights())
+        callbacks += [
+            BestCheckpoint(run_dir / "best.keras", "val_dice", "max", history=run_dir / "history.csv"),
+            keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
+                                        update_freq="epoch"),
+            MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
+        ]
+        if config.diagnostics:
+            from tf_bus.training.diagnostics import TrainingDiagnostics
 
-        callbacks.append(TrainingDiagnostics(run_dir, (val_images[:8], val_masks[:8])))
-    if config.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5,
-                                                           min_lr=config.learning_rate * 0.01))
-    t0 = time.perf_counter()
-    try:
+            callbacks.append(TrainingDiagnostics(run_dir, (val_images[:8], val_masks[:8])))
+        if config.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5,
+                                                               min_lr=config.learning_rate * 0.01))
+        t0 = time.perf_counter()
         with worker_failures(config.strategy), op_determinism(config.deterministic):
             history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                                 verbose=verbose, shuffle=False)  # the dataset shuffles itself
         model.save(run_dir / "last.keras")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     wall = time.perf_counter() - t0
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     epochs_run = len(hist.get("loss", []))

@@ -247,7 +247,7 @@ def tune_classifier(
         TfBusError: no trial trained, another search in TUNE_DIR, bad distributed
             settings.
     """
-    from tf_bus.training.precision import set_precision
+    from tf_bus.training.precision import precision_policy
 
     from tf_bus.training.distribute import make_strategy, worker_run_dir
 
@@ -278,20 +278,18 @@ def tune_classifier(
         if overwrite:
             for name in ("trials.json", "best_hyperparameters.json"):
                 (out / name).unlink(missing_ok=True)
-    set_precision(tune.base.precision)
-    keras.utils.set_random_seed(tune.base.seed)
-    hypermodel = _make_hypermodel(tune, data, splits_file)
-    # Only the chief (or a single process) may reset the project; workers join it.
-    tuner = _make_tuner(tune, hypermodel, out, overwrite and role != "worker", strategy)
-    t0 = time.perf_counter()
-    try:
-        # KerasTuner gives each trial its own TensorBoard folder under logs/.
-        tuner.search(callbacks=[keras.callbacks.TensorBoard(str(out / "logs"))], verbose=verbose)
-    except RuntimeError as e:  # KerasTuner gives up after max_consecutive_failed_trials
-        if role == "worker" or "consecutive failures" not in str(e).lower():
-            raise
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    with precision_policy(tune.base.precision):
+        keras.utils.set_random_seed(tune.base.seed)
+        hypermodel = _make_hypermodel(tune, data, splits_file)
+        # Only the chief (or a single process) may reset the project; workers join it.
+        tuner = _make_tuner(tune, hypermodel, out, overwrite and role != "worker", strategy)
+        t0 = time.perf_counter()
+        try:
+            # KerasTuner gives each trial its own TensorBoard folder under logs/.
+            tuner.search(callbacks=[keras.callbacks.TensorBoard(str(out / "logs"))], verbose=verbose)
+        except RuntimeError as e:  # KerasTuner gives up after max_consecutive_failed_trials
+            if role == "worker" or "consecutive failures" not in str(e).lower():
+                raise
     wall = time.perf_counter() - t0
     if role == "worker":
         return {"role": "worker", "tuner_id": os.environ["KERASTUNER_TUNER_ID"], "fits_run": hypermodel.fits}
