@@ -52,6 +52,10 @@ ERRORS = [
     (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--zoom", "1.5"], "(flag --zoom) must be within [0, 1)"),
     (["train-classifier", "--data", "{release}", "--out", "{tmp}/r", "--rotation-deg", "-5"],
      "(flag --rotation-deg) must be within [0, 180)"),
+    (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--image-size", "100"],
+     "image_size must be divisible by 2**depth=32. Received: image_size=(100, 100)"),
+    (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--transformer-blocks", "1", "--transformer-heads", "3"],
+     "`transformer_heads` must divide"),
 ]
 
 
@@ -61,6 +65,7 @@ def test_errors_are_one_line_messages(argv, message, synthetic_release, tmp_path
     r = _run(*argv)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists(), "a refused run leaves no run folder behind"
 
 
 def test_check_and_prepare_with_skip_bad(synthetic_release, tmp_path):

@@ -162,7 +162,7 @@ def test_the_trainers_augmentation_ranges_reach_the_loader(trainer, prepared):
     load = segmentation_dataset if trainer == "segmentation" else classification_dataset
 
     def first_batch(augmentation, augment):
-        cfg = cls(image_size=(48, 48), batch_size=4, augmentation=augmentation)
+        cfg = cls(image_size=(64, 64), batch_size=4, augmentation=augmentation)  # a size the default U-Net takes
         loader = module.loader_config(cfg, augment=augment, shuffle=False, deterministic=True)
         assert loader.augmentation == augmentation
         return next(iter(load(prepared, "train", loader, training=True)))[0].numpy()

@@ -125,9 +125,12 @@ def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_pat
 
 
 @pytest.mark.parametrize("bad,message", [(dict(transformer_blocks=-1), "transformer_blocks"),
-                                         (dict(transformer_blocks=1, transformer_heads=3), "must divide the bottleneck's 512"),
+                                         (dict(transformer_blocks=1, transformer_heads=3), r"2\*\*depth = 512 channels"),
+                                         (dict(image_size=(100, 100)), r"divisible by 2\*\*depth=32"),
+                                         (dict(channels=2), "channels"),
+                                         (dict(upsampling="nearest"), "upsampling"),
                                          (dict(transformer_blocks=1, transformer_heads=0), "transformer_heads")])
-def test_bad_attention_settings(bad, message):
+def test_bad_model_settings_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         SegmenterConfig(**bad)
     assert SegmenterConfig(transformer_heads=3).transformer_heads == 3, "heads are only checked with blocks"

@@ -32,6 +32,37 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+def check_unet_arguments(*, image_size: tuple, channels: int, depth: int, base_filters: int, upsampling: str,
+                         padding: str, transformer_blocks: int = 0, transformer_heads: int = 4) -> None:
+    """Checks the U-Net's arguments without building it (``ConfigError``, a ``ValueError``,
+    naming the argument). ``tf_bus.models.unet.UNet`` and ``SegmenterConfig`` both call it, so a
+    bad ``--image-size`` for ``--depth`` fails before a run folder is made."""
+    if channels not in (1, 3):
+        raise ConfigError(f"`channels` must be 1 or 3. Received: channels={channels}")
+    if depth < 1:
+        raise ConfigError(f"`depth` must be >= 1. Received: depth={depth}")
+    if base_filters < 1:
+        raise ConfigError(f"`base_filters` must be >= 1. Received: base_filters={base_filters}")
+    if transformer_blocks < 0:
+        raise ConfigError(f"`transformer_blocks` must be >= 0. Received: transformer_blocks={transformer_blocks}")
+    if transformer_blocks and (transformer_heads < 1 or (base_filters * 2 ** depth) % transformer_heads):
+        raise ConfigError(
+            f"`transformer_heads` must divide the bottleneck's base_filters * 2**depth = {base_filters * 2 ** depth} "
+            f"channels. Received: transformer_heads={transformer_heads}"
+        )
+    if upsampling not in ("transpose", "resize"):
+        raise ConfigError(f"`upsampling` must be 'transpose' or 'resize'. Received: upsampling={upsampling!r}")
+    if padding not in ("same", "valid"):
+        raise ConfigError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+    if padding == "valid" and None in image_size:
+        raise ConfigError(f"padding='valid' needs a static image_size. Received: image_size={image_size}")
+    if padding == "same" and None not in image_size and any(s % 2 ** depth for s in image_size):
+        raise ConfigError(
+            f"With padding='same', image_size must be divisible by 2**depth={2 ** depth}. "
+            f"Received: image_size={image_size}"
+        )
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"`{name}` must be within [0, 1]. Received: {name}={value!r}")
@@ -477,14 +508,9 @@ class SegmenterConfig(_TrainingConfig):
         self._check_common()
         if self.loss not in ("bce", "dice", "bce_dice", "focal_tversky"):
             raise ConfigError(f"`loss` must be bce, dice, bce_dice or focal_tversky. Received: loss={self.loss!r}")
-        if self.transformer_blocks < 0:
-            raise ConfigError(f"`transformer_blocks` must be >= 0. Received: transformer_blocks={self.transformer_blocks}")
-        bottleneck = self.base_filters * 2 ** self.depth
-        if self.transformer_blocks and (self.transformer_heads < 1 or bottleneck % self.transformer_heads):
-            raise ConfigError(
-                f"`transformer_heads` must divide the bottleneck's {bottleneck} channels (base_filters * 2**depth). "
-                f"Received: transformer_heads={self.transformer_heads}"
-            )
+        check_unet_arguments(image_size=self.image_size, channels=self.channels, depth=self.depth,
+                             base_filters=self.base_filters, upsampling=self.upsampling, padding=self.padding,
+                             transformer_blocks=self.transformer_blocks, transformer_heads=self.transformer_heads)
 
 
 #: What may pick the classifier's best checkpoint, and whether lower or higher is better.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from tf_bus.config import check_unet_arguments
 from tf_bus.models import normalization
 
 
@@ -200,30 +201,9 @@ class UNet(keras.Model):
         **kwargs,
     ):
         image_size = tuple(image_size)
-        if channels not in (1, 3):
-            raise ValueError(f"`channels` must be 1 or 3. Received: channels={channels}")
-        if depth < 1:
-            raise ValueError(f"`depth` must be >= 1. Received: depth={depth}")
-        if base_filters < 1:
-            raise ValueError(f"`base_filters` must be >= 1. Received: base_filters={base_filters}")
-        if transformer_blocks < 0:
-            raise ValueError(f"`transformer_blocks` must be >= 0. Received: transformer_blocks={transformer_blocks}")
-        if transformer_blocks and (transformer_heads < 1 or (base_filters * 2 ** depth) % transformer_heads):
-            raise ValueError(
-                f"`transformer_heads` must divide the bottleneck's base_filters * 2**depth = {base_filters * 2 ** depth} "
-                f"channels. Received: transformer_heads={transformer_heads}"
-            )
-        if upsampling not in ("transpose", "resize"):
-            raise ValueError(f"`upsampling` must be 'transpose' or 'resize'. Received: upsampling={upsampling!r}")
-        if padding not in ("same", "valid"):
-            raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
-        if padding == "valid" and None in image_size:
-            raise ValueError(f"padding='valid' needs a static image_size. Received: image_size={image_size}")
-        if padding == "same" and None not in image_size and any(s % 2 ** depth for s in image_size):
-            raise ValueError(
-                f"With padding='same', image_size must be divisible by 2**depth={2 ** depth}. "
-                f"Received: image_size={image_size}"
-            )
+        check_unet_arguments(image_size=image_size, channels=channels, depth=depth, base_filters=base_filters,
+                             upsampling=upsampling, padding=padding, transformer_blocks=transformer_blocks,
+                             transformer_heads=transformer_heads)
 
         inputs = keras.Input(shape=(*image_size, channels), name="image")
         x = inputs
