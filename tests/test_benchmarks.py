@@ -76,8 +76,24 @@ def test_segmenter_training_benchmark_times_several_batch_sizes_side_by_side():
     assert res["batch_2"]["forward_gflops_per_image"] == res["batch_4"]["forward_gflops_per_image"]
 
 
+def test_segmenter_training_benchmark_times_deep_supervision_side_by_side():
+    out = run_benchmark("segmenter_training.py", "--size", "32", "--base-filters", "4", "--depth", "3",
+                        "--batch", "4", "--deep-supervision", "0,2", "--steps", "1", "--bn-rounds", "2")
+    assert out["deep_supervision"] == [0, 2]
+    res = out["results"][resolve_precision("auto")]
+    plain, supervised = res["deep_supervision_0"], res["deep_supervision_2"]
+    # The U-Net counted once (not again through the wrapper), plus the heads' 1x1 convolutions
+    # (16x16x8 and 8x8x16 inputs, one output channel); the JSON rounds GFLOPs to 4 places.
+    heads = 2 * (16 * 16 * 8 + 8 * 8 * 16)
+    extra = (supervised["forward_gflops_per_image"] - plain["forward_gflops_per_image"]) * 1e9
+    assert -1e5 <= extra - heads <= 1e5 and plain["forward_gflops_per_image"] > 1e-3
+    assert res["speed_over_deep_supervision_0"]["deep_supervision_2"] == pytest.approx(
+        supervised["train_images_per_s"] / plain["train_images_per_s"], rel=0.01)
+
+
 @pytest.mark.parametrize("flag, value, named", [
     ("--batch", "8,x", "8,x"), ("--batch", "0", "0"), ("--batch", "4,-2", "4,-2"),
+    ("--deep-supervision", "5", "'5'"),
     ("--precisions", "bfloat16", "'bfloat16'"), ("--precisions", "auto,fp16", "'fp16'"),
 ])
 def test_segmenter_training_benchmark_refuses_bad_lists(flag, value, named):

@@ -56,6 +56,8 @@ ERRORS = [
      "image_size must be divisible by 2**depth=32. Received: image_size=(100, 100)"),
     (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--transformer-blocks", "1", "--transformer-heads", "3"],
      "`transformer_heads` must divide"),
+    (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--deep-supervision", "5"],
+     "`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..4"),
 ]
 
 

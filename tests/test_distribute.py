@@ -32,11 +32,15 @@ SCRIPT = textwrap.dedent("""
     data, out = sys.argv[1], sys.argv[2]
     seg = train_segmenter(data, out + "/seg", SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1,
                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
+    # Deep supervision: the wrapper's own train_step, run by each replica.
+    ds = train_segmenter(data, out + "/seg_ds", SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=2,
+                         batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored",
+                         deep_supervision=1, diagnostics=False), verbose=0)
     w = out + "/w.weights.h5"
     keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(w)
     cls = train_classifier(data, out + "/cls", ClassifierConfig(image_size=(32, 32), weights=w, head_epochs=1, epochs=1,
                            batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
-    print(json.dumps({"seg": seg, "cls": cls}))
+    print(json.dumps({"seg": seg, "cls": cls, "seg_ds": ds}))
 """)
 
 
@@ -48,7 +52,11 @@ def test_mirrored_over_two_logical_cpus(prepared, tmp_path):
     assert 0 <= out["seg"]["best_val_dice"] <= 1 and 0 <= out["cls"]["best_val_f1"] <= 1
     assert out["cls"]["epochs_run_in_this_fit"] == 1
     # The classifier's second phase and the tuner's trials under a strategy: test_multiworker.py.
-    for run, strategy, replicas in (("seg", "mirrored", 2), ("cls", "mirrored", 2)):
+    assert out["seg_ds"]["epochs_run_in_this_fit"] == 2 and 0 <= out["seg_ds"]["best_val_dice"] <= 1
+    ds_rows = json.loads((tmp_path / "seg_ds" / "history.json").read_text())["history"]
+    assert all(np.isfinite(ds_rows["loss"])) and ds_rows["loss"][1] != ds_rows["loss"][0]
+    assert type(load_best_model(tmp_path / "seg_ds")).__name__ == "UNet"
+    for run, strategy, replicas in (("seg", "mirrored", 2), ("cls", "mirrored", 2), ("seg_ds", "mirrored", 2)):
         record = json.loads((tmp_path / run / "config.json").read_text())
         assert record["replicas"] == replicas and record["config"]["strategy"] == strategy
         assert (tmp_path / run / "best.keras").is_file()

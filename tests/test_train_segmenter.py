@@ -124,7 +124,35 @@ def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_pat
     np.testing.assert_allclose(served["mask_probabilities"].numpy(), model(x, training=False).numpy()[..., 0], atol=1e-5)
 
 
-@pytest.mark.parametrize("bad,message", [(dict(transformer_blocks=-1), "transformer_blocks"),
+def test_deep_supervision_run_saves_plain_unets_and_its_diagnostics_see_the_unet(prepared, tmp_path):
+    run = tmp_path / "run"
+    p = _cli("train-segmenter", "--data", str(prepared), "--out", str(run), *TINY, "--epochs", "2",
+             "--deep-supervision", "1")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    cfg, record = load_run_config(run)
+    assert cfg.deep_supervision == 1
+    for name in ("best.keras", "last.keras"):
+        model = keras.saving.load_model(run / name)
+        assert model.__class__.__name__ == "UNet" and not [l for l in model.layers if l.name.startswith("aux")]
+        assert model.output_shape == (None, 32, 32, 1)
+    assert record["parameters"] == model.count_params(), "config.json counts the U-Net the run saves"
+    diag = json.loads((run / "diagnostics.json").read_text())
+    assert diag["gradient_checks"] >= 1
+    measured = diag["rules"]["poor_weight_initialization"]["measured"]  # the U-Net's ReLUs were probed
+    assert measured["activation_variance_first"] > 0
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
+    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+
+
+@pytest.mark.parametrize("bad,message", [(dict(deep_supervision=5), r"within 1..depth-1 = 1..4"),
+                                         (dict(deep_supervision=-1), "deep_supervision"),
+                                         (dict(deep_supervision=1, padding="valid", image_size=(188, 188), depth=2),
+                                          "padding='same'"),
+                                         (dict(transformer_blocks=-1), "transformer_blocks"),
                                          (dict(transformer_blocks=1, transformer_heads=3), r"2\*\*depth = 512 channels"),
                                          (dict(image_size=(100, 100)), r"divisible by 2\*\*depth=32"),
                                          (dict(channels=2), "channels"),

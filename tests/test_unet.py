@@ -10,7 +10,7 @@ from tf_bus.config import LoaderConfig
 from tf_bus.data.pipeline import segmentation_dataset
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore
-from tf_bus.models.unet import TransformerBlock, UNet
+from tf_bus.models.unet import DeepSupervision, TransformerBlock, UNet, deep_supervision_weights
 
 CASES = [
     # (kwargs, input shape, expected output shape)
@@ -130,3 +130,78 @@ def test_transformer_block_starts_as_the_identity_and_sees_every_position():
 def test_transformer_block_bad_arguments(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TransformerBlock(**bad)
+
+
+@pytest.mark.parametrize("levels,weights", [(1, [2 / 3, 1 / 3]), (2, [4 / 7, 2 / 7, 1 / 7]),
+                                            (3, [8 / 15, 4 / 15, 2 / 15, 1 / 15])])
+def test_deep_supervision_weights_halve_per_level_and_sum_to_one(levels, weights):
+    np.testing.assert_allclose(deep_supervision_weights(levels), weights)
+
+
+def _supervised_pair(levels=2, **kwargs):
+    keras.utils.set_random_seed(5)
+    unet = UNet(image_size=(32, 32), channels=1, depth=3, base_filters=4, **kwargs)
+    model = DeepSupervision(unet, levels)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=get_loss("bce_dice"), metrics=[DiceScore()])
+    return unet, model
+
+
+def test_deep_supervision_loss_is_the_weighted_loss_of_every_output_against_the_pooled_mask():
+    unet, model = _supervised_pair(levels=2)
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 32, 32, 1), dtype=np.float32)
+    y = np.zeros((4, 32, 32, 1), np.float32)
+    y[:, 5:19, 9:30] = 1.0  # not aligned with the 4x4 cells: pooled targets are fractions
+    loss, main = model.supervised_loss(x, y, training=False)
+    np.testing.assert_allclose(np.asarray(main), np.asarray(unet(x, training=False)), atol=1e-6)
+    # By hand: each head on its decoder block's output, each target the mean of the mask over its cells.
+    feats = keras.Model(unet.input, [unet.get_layer("up1_relu2").output, unet.get_layer("up2_relu2").output])(x)
+    pooled = [y.reshape(4, 32 // s, s, 32 // s, s, 1).mean(axis=(2, 4)) for s in (2, 4)]
+    assert np.unique(pooled[1]).size > 2, "some cells are partly lesion"
+    ce = get_loss("bce_dice")
+    expected = (4 / 7 * float(ce(y, unet(x, training=False))) + 2 / 7 * float(ce(pooled[0], model.heads[0](feats[0])))
+                + 1 / 7 * float(ce(pooled[1], model.heads[1](feats[1]))))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert model.heads[0](feats[0]).shape == (4, 16, 16, 1) and model.heads[1](feats[1]).shape == (4, 8, 8, 1)
+
+
+def test_deep_supervision_trains_the_heads_and_the_unet_and_is_called_as_the_unet(prepared, tmp_path):
+    unet, model = _supervised_pair(levels=2)
+    cfg = LoaderConfig(image_size=(32, 32), channels=1, batch_size=8, shuffle=False, augment=False)
+    x, y = (t.numpy() for t in next(iter(segmentation_dataset(prepared, "train", cfg))))
+    heads_before = [np.array(h.kernel) for h in model.heads]
+    first_before = np.array(unet.get_layer("down0_conv1").kernel)
+    history = model.fit(x, y, epochs=12, batch_size=8, verbose=0).history
+    assert min(history["loss"][-3:]) < history["loss"][0] and "dice" in history
+    assert all(not np.allclose(b, np.array(h.kernel)) for b, h in zip(heads_before, model.heads))
+    assert not np.allclose(first_before, np.array(unet.get_layer("down0_conv1").kernel))
+    # Calling, evaluating and saving the U-Net: one output, no auxiliary layer in the saved model.
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(unet(x)), atol=1e-6)
+    assert set(model.evaluate(x, y, verbose=0, return_dict=True)) == {"loss", "dice"}
+    unet.save(tmp_path / "unet.keras")
+    loaded = keras.saving.load_model(tmp_path / "unet.keras")
+    assert type(loaded) is UNet and not [l for l in loaded.layers if l.name.startswith("aux")]
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(unet(x)), atol=1e-6)
+    # The wrapper itself round-trips too (heads included).
+    model.save(tmp_path / "supervised.keras")
+    again = keras.saving.load_model(tmp_path / "supervised.keras")
+    assert type(again) is DeepSupervision and again.levels == 2
+    np.testing.assert_allclose(np.array(again.heads[1].kernel), np.array(model.heads[1].kernel))
+
+
+@pytest.mark.parametrize("unet_kwargs,levels,message", [
+    (dict(image_size=(32, 32), depth=3), 0, r"within 1..depth-1 = 1..2"),
+    (dict(image_size=(32, 32), depth=3), 3, r"within 1..depth-1 = 1..2"),
+    (dict(image_size=(188, 188), depth=2, padding="valid"), 1, "padding='same'"),
+])
+def test_deep_supervision_bad_arguments(unet_kwargs, levels, message):
+    with pytest.raises(ValueError, match=message):
+        DeepSupervision(UNet(channels=1, base_filters=4, **unet_kwargs), levels)
+
+
+def test_deep_supervision_needs_a_loss_object_it_can_call_on_every_output():
+    model = DeepSupervision(UNet(image_size=(32, 32), channels=1, depth=3, base_filters=4), 1)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    x = np.zeros((2, 32, 32, 1), np.float32)
+    with pytest.raises(TypeError, match="keras.losses.Loss instance"):
+        model.fit(x, x, epochs=1, verbose=0)

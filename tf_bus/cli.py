@@ -472,6 +472,11 @@ def _add_train_segmenter(sub) -> None:
     p.add_argument("--transformer-heads", type=int, default=d.transformer_heads,
                    help="attention heads of those blocks; must divide base_filters * 2**depth "
                         f"(default: {d.transformer_heads})")
+    p.add_argument("--deep-supervision", type=int, default=d.deep_supervision, metavar="N",
+                   help="deep supervision: auxiliary outputs on the decoder's levels 1..N (1/2 .. 1/2**N of the "
+                        "image size), each trained against the mask pooled to its size with a loss weight halved "
+                        "per level, as in nnU-Net; the saved model is a plain U-Net. 0: off; N < depth "
+                        f"(default: {d.deep_supervision})")
     p.add_argument("--loss", choices=("bce", "dice", "bce_dice", "focal_tversky"), default=d.loss,
                    help=f"training loss (default: {d.loss})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
@@ -494,7 +499,8 @@ def _cmd_train_segmenter(args) -> int:
     config = SegmenterConfig(
         image_size=args.image_size, channels=args.channels, depth=args.depth, base_filters=args.base_filters,
         dropout=args.dropout, upsampling=args.upsampling, padding=args.padding, attention_gates=args.attention_gates,
-        transformer_blocks=args.transformer_blocks, transformer_heads=args.transformer_heads, loss=args.loss,
+        transformer_blocks=args.transformer_blocks, transformer_heads=args.transformer_heads,
+        deep_supervision=args.deep_supervision, loss=args.loss,
         epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold, lesion_only=args.lesion_only,
         **_training_kwargs(args),
     )

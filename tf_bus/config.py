@@ -423,6 +423,9 @@ class SegmenterConfig(_TrainingConfig):
         attention_gates, transformer_blocks, transformer_heads: its attention options
             (Attention U-Net gates on the skips; transformer blocks at the bottleneck), off
             by default (README, "Attention").
+        deep_supervision: auxiliary outputs on the decoder's levels 1..N, trained with
+            their own losses (``tf_bus.models.unet.DeepSupervision``); 0: none. The saved
+            models are plain U-Nets either way.
         loss: ``bce``, ``dice``, ``bce_dice`` or ``focal_tversky``.
         epochs: maximum epochs.
         batch_size: global batch size.
@@ -477,6 +480,7 @@ class SegmenterConfig(_TrainingConfig):
     attention_gates: bool = False
     transformer_blocks: int = 0
     transformer_heads: int = 4
+    deep_supervision: int = 0
     loss: str = "bce_dice"
     # Batch 32 for 120 epochs at 4e-3 (the rate of batch 8 scaled by sqrt(4)): five-fold CV
     # Dice 0.744 against 0.738 for batch 8 / 60 epochs / 2e-3, in about the same wall time, at
@@ -511,6 +515,11 @@ class SegmenterConfig(_TrainingConfig):
         check_unet_arguments(image_size=self.image_size, channels=self.channels, depth=self.depth,
                              base_filters=self.base_filters, upsampling=self.upsampling, padding=self.padding,
                              transformer_blocks=self.transformer_blocks, transformer_heads=self.transformer_heads)
+        if self.deep_supervision and not (self.padding == "same" and 1 <= self.deep_supervision < self.depth):
+            raise ConfigError(
+                f"`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..{self.depth - 1}, with padding='same'. "
+                f"Received: deep_supervision={self.deep_supervision}, padding={self.padding!r}"
+            )
 
 
 #: What may pick the classifier's best checkpoint, and whether lower or higher is better.

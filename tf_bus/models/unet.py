@@ -272,3 +272,89 @@ class UNet(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """The loss weights of the full-resolution output and of ``levels`` auxiliary outputs:
+    halved per level, then normalised to sum 1 (as nnU-Net weighs its deep supervision)."""
+    raw = [0.5 ** level for level in range(levels + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+@keras.saving.register_keras_serializable(package="tf_bus")
+class DeepSupervision(keras.Model):
+    """Trains a ``UNet`` with auxiliary losses on its decoder's coarser levels (deep supervision).
+
+    A 1x1 convolution with a sigmoid (``aux{level}_mask``) reads the output of the decoder
+    block ``up{level}`` for ``level`` = 1..``levels`` (1/2, 1/4, ... of the input size). The
+    training loss is the compiled loss of the U-Net's own output and of each auxiliary
+    output against the true mask average-pooled to its size (the share of lesion in each
+    cell), weighted by ``deep_supervision_weights`` (Lee et al., "Deeply-Supervised Nets",
+    AISTATS 2015; nnU-Net, Isensee et al. 2021). The coarse levels get a gradient of their
+    own instead of only what reaches them through the finer ones.
+
+    Calling the model, evaluating it and its metrics use the U-Net's output alone, so
+    validation Dice means what it means without deep supervision. The heads serve training
+    only: save ``model.unet`` (``best.keras``, ``last.keras``), which is a plain ``UNet``.
+
+    Args:
+        unet: a ``UNet`` with ``padding="same"``.
+        levels: auxiliary outputs, 1 to ``unet.depth - 1``.
+    """
+
+    def __init__(self, unet: UNet, levels: int = 2, **kwargs):
+        if isinstance(unet, dict):  # from_config
+            unet = keras.saving.deserialize_keras_object(unet)
+        if getattr(unet, "padding", None) != "same":
+            raise ValueError("Deep supervision needs a UNet with padding='same' (the auxiliary targets are the mask "
+                             f"pooled by powers of 2). Received: padding={getattr(unet, 'padding', None)!r}")
+        if not 1 <= levels <= unet.depth - 1:
+            raise ValueError(f"`levels` must be within 1..depth-1 = 1..{unet.depth - 1}. Received: levels={levels}")
+        super().__init__(**kwargs)
+        self.unet = unet
+        self.levels = levels
+        self.heads = [layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=f"aux{level}_mask")
+                      for level in range(1, levels + 1)]
+        aux = [head(unet.get_layer(f"up{level}_relu2").output) for level, head in enumerate(self.heads, start=1)]
+        self.supervised = keras.Model(unet.input, [unet.output, *aux], name=f"{unet.name}_supervised")
+        self.level_weights = deep_supervision_weights(levels)
+        self.built = True  # every layer is built above
+
+    def call(self, x, training=None):
+        return self.unet(x, training=training)
+
+    def supervised_loss(self, x, y, sample_weight=None, training=True):
+        """The weighted loss of every output, and the U-Net's own output (for the metrics)."""
+        if not isinstance(self.loss, keras.losses.Loss):  # it is called on the auxiliary outputs too
+            raise TypeError("DeepSupervision needs the `loss` given to compile() as a keras.losses.Loss instance, "
+                            f"e.g. tf_bus.models.losses.get_loss('bce_dice'). Received: loss={self.loss!r}")
+        outputs = self.supervised(x, training=training)
+        loss = self.level_weights[0] * self.compute_loss(x=x, y=y, y_pred=outputs[0], sample_weight=sample_weight,
+                                                        training=training)
+        for level, (weight, pred) in enumerate(zip(self.level_weights[1:], outputs[1:]), start=1):
+            target = keras.ops.average_pool(keras.ops.cast(y, "float32"), 2 ** level, strides=2 ** level)
+            loss = loss + weight * self.loss(target, pred, sample_weight=sample_weight)
+        return loss, outputs[0]
+
+    def train_step(self, data):
+        # Keras' TensorFlow train_step, with the forward pass and loss of ``supervised_loss``.
+        import tensorflow as tf
+        from keras.src.losses import loss as loss_module  # Keras' own undoing of the per-replica loss scaling
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            loss, y_pred = self.supervised_loss(x, y, sample_weight)
+            self._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss),
+                                            sample_weight=tf.shape(x)[0])
+            loss = self.optimizer.scale_loss(loss)
+        trainable = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "unet": keras.saving.serialize_keras_object(self.unet),
+                "levels": self.levels}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

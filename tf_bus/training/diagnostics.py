@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from tf_bus.io import write_bytes_atomic, write_json_atomic
+from tf_bus.models.unet import DeepSupervision
 
 RULES = ("vanishing_gradient", "exploding_gradient", "overfit", "poor_weight_initialization", "loss_not_decreasing")
 
@@ -72,8 +73,10 @@ class TrainingDiagnostics(keras.callbacks.Callback):
         x, y = self.sample_batch
         model = self.model
         with tf.GradientTape() as tape:
-            pred = model(x, training=True)
-            loss = model.compute_loss(x=x, y=y, y_pred=pred)
+            if isinstance(model, DeepSupervision):  # the loss it trains on, auxiliary outputs included
+                loss, _ = model.supervised_loss(x, y)
+            else:
+                loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
         vars_ = [v for v in model.trainable_variables if len(v.shape) >= 2]  # kernels, not biases/BN
         grads = tape.gradient(loss, [v.value if hasattr(v, "value") else v for v in vars_])
         return {v.path: float(tf.norm(tf.cast(g, tf.float32))) for v, g in zip(vars_, grads) if g is not None}
@@ -97,13 +100,14 @@ class TrainingDiagnostics(keras.callbacks.Callback):
                                               "checks": self.vanishing_checks}, at)
 
     def _check_initialisation(self) -> None:
-        relu_layers = [l for l in self.model.layers
+        network = self.model.unet if isinstance(self.model, DeepSupervision) else self.model
+        relu_layers = [l for l in network.layers
                        if getattr(getattr(l, "activation", None), "__name__", "") == "relu"
                        or isinstance(l, keras.layers.ReLU)]
         if len(relu_layers) < 1:
             return
         try:
-            inputs = self.model.inputs
+            inputs = network.inputs
             probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, [l.output for l in relu_layers])
         except Exception:  # not a functional graph: the rule does not apply
             return

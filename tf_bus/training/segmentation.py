@@ -3,7 +3,7 @@
 RUN_DIR after a run::
 
     config.json      the SegmenterConfig used, the data path, versions
-    best.keras       the model with the best validation Dice
+    best.keras       the U-Net with the best validation Dice (a plain UNet, also with --deep-supervision)
     last.keras       the model at the last epoch
     history.csv      per-epoch metrics (HistoryCSV; one row per finished epoch, appended on resume)
     history.json     the same, plus wall time and images/s
@@ -29,7 +29,7 @@ from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
-from tf_bus.models.unet import UNet
+from tf_bus.models.unet import DeepSupervision, UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
 from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
                                     software_record)
@@ -52,6 +52,13 @@ def build_segmenter(config: SegmenterConfig, replicas: int = 1) -> UNet:
                 upsampling=config.upsampling, padding=config.padding, sync_batch_norm=replicas > 1,
                 attention_gates=config.attention_gates, transformer_blocks=config.transformer_blocks,
                 transformer_heads=config.transformer_heads, name="unet")
+
+
+def training_model(config: SegmenterConfig, unet: UNet) -> keras.Model:
+    """The model ``fit`` trains: the U-Net, or with ``deep_supervision`` the U-Net wrapped
+    with its auxiliary heads (``DeepSupervision``)."""
+    return DeepSupervision(unet, config.deep_supervision, name="unet_deep_supervision") if config.deep_supervision \
+        else unet
 
 
 def train_segmenter(
@@ -110,14 +117,15 @@ def train_segmenter(
         if config.strategy == "multiworker":
             train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
         with strategy.scope():  # model, optimizer and metrics live on the strategy's devices
-            model = build_segmenter(config, strategy.num_replicas_in_sync)
+            unet = build_segmenter(config, strategy.num_replicas_in_sync)
+            model = training_model(config, unet)
             model.compile(optimizer=make_optimizer(config.learning_rate, config.schedule, config.warmup_epochs,
                                                     config.epochs, steps, config.weight_decay, config.ema), loss=get_loss(config.loss),
                           metrics=[DiceScore(config.threshold), IoUScore(config.threshold)], jit_compile=False)
             build_before_fit(model)
         write_json_atomic(run_dir / "config.json", {
             **record, "precision": policy, "replicas": strategy.num_replicas_in_sync,
-            **software_record(model),
+            **software_record(unet),
         })
         logs = run_dir / "logs"
         budget = TimeBudget.for_config(config)
@@ -133,7 +141,8 @@ def train_segmenter(
         if config.ema:
             callbacks.append(EMAWeights())
         callbacks += [
-            BestCheckpoint(run_dir / "best.keras", "val_dice", "max", history=run_dir / "history.csv"),
+            BestCheckpoint(run_dir / "best.keras", "val_dice", "max", to_save=lambda _: unet,
+                           history=run_dir / "history.csv"),
             keras.callbacks.TensorBoard(str(logs), profile_batch=config.profile_batches or 0,
                                         update_freq="epoch"),
             MaskOverlays(val_images.numpy()[:4], val_masks.numpy()[:4], str(logs)),
@@ -149,7 +158,7 @@ def train_segmenter(
         with worker_failures(config.strategy), op_determinism(config.deterministic):
             history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                                 verbose=verbose, shuffle=False)  # the dataset shuffles itself
-        model.save(run_dir / "last.keras")
+        unet.save(run_dir / "last.keras")
     wall = time.perf_counter() - t0
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     epochs_run = len(hist.get("loss", []))
