@@ -53,7 +53,16 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
     from tf_bus.evaluation import evaluate_classifier
     from tf_bus.training.classification import loader_config
 
+    (tmp_path / "best_eval.json").write_text((run / "eval_test" / "metrics.json").read_text())
     tta = evaluate_classifier(run, prepared, "test", tta=True, checkpoint="last")
+    # tf-bus compare pairs the two real evaluations case by case.
+    from tf_bus.comparison import compare
+
+    paired = compare(tmp_path / "best_eval.json", run, resamples=200)
+    assert paired["kind"] == "classifier" and paired["n"] == result["n"] and paired["only_in_a"] == 0
+    assert paired["accuracy"]["a"] == pytest.approx(result["accuracy"])
+    assert paired["accuracy"]["b"] == pytest.approx(tta["accuracy"])
+    assert paired["macro_f1"]["b"] == pytest.approx(tta["macro_f1"])
     assert tta["settings"]["tta"] and tta["settings"]["model"].endswith("last.keras")
     last = keras.saving.load_model(run / "last.keras")
     cfg = ClassifierConfig.from_dict(json.loads((run / "config.json").read_text())["config"])

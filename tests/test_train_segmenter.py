@@ -98,6 +98,14 @@ def test_evaluate_cli_schema(tiny_run, prepared):
     assert choice["threshold"] == result["settings"]["threshold"]
     assert choice["postprocess"] == result["settings"]["postprocess"] in ("none", "largest")
     assert (run / "eval_test" / "overlays.png").read_bytes()[:4] == b"\x89PNG"
+    # tf-bus compare reads the real evaluation: against itself, every difference is 0.
+    from tf_bus.comparison import compare
+
+    paired = compare(run, run, resamples=200)
+    assert paired["kind"] == "segmenter" and paired["shared_cases"] == len(result["per_image"])
+    dice = paired["lesion_images"]["metrics"]["dice"]
+    assert dice["a"] == pytest.approx(result["aggregate"]["lesion_images"]["dice"]["mean"])
+    assert dice["difference"] == 0 and dice["ci95"] == [0.0, 0.0]
 
 
 def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_path):
