@@ -87,6 +87,22 @@ def test_only_the_shared_cases_are_paired_and_the_rest_counted(tmp_path):
     assert r["lesion_images"]["n"] == 5
 
 
+def test_cross_validations_with_the_same_folds_are_also_compared_fold_by_fold(tmp_path):
+    folds = [0, 0, 1, 1]
+    a = write(tmp_path / "a.json", [{**seg_row(n, da, ta), "fold": f} for (n, da, ta, _, _), f in zip(SEG, folds)]
+              + [{**seg_row("normal (1)", None, None, lesion=False), "fold": 1}])
+    b = write(tmp_path / "b.json", [{**seg_row(n, db, tb), "fold": f} for (n, _, _, db, tb), f in zip(SEG, folds)]
+              + [{**seg_row("normal (1)", None, None, lesion=False), "fold": 1}])
+    r = compare(a, b, resamples=200)
+    assert [(f["fold"], f["n"]) for f in r["folds"]] == [(0, 2), (1, 2)]  # lesion images only
+    assert r["folds"][0]["a"] == pytest.approx((0.90 + 0.00) / 2) and r["folds"][1]["b"] == pytest.approx((0.45 + 0.03) / 2)
+    assert r["folds"][1]["difference"] == pytest.approx(((0.45 - 0.40) + (0.03 - 0.85)) / 2)
+    # Other fold assignments (another split): no per-fold comparison.
+    c = write(tmp_path / "c.json", [{**seg_row(n, db, tb), "fold": 1 - f} for (n, _, _, db, tb), f in zip(SEG, folds)]
+              + [{**seg_row("normal (1)", None, None, lesion=False), "fold": 1}])
+    assert compare(a, c, resamples=200)["folds"] is None
+
+
 LABELS = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1]
 PRED_A = [0, 0, 1, 0, 1, 0, 1, 2, 0, 2, 0, 1]
 PRED_B = [0, 0, 0, 2, 1, 1, 0, 2, 2, 1, 1, 1]
@@ -117,6 +133,13 @@ def test_classifiers_are_compared_case_by_case(tmp_path):
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     assert (r["right_in_a_only"], r["right_in_b_only"]) == (only_a, only_b) == (4, 3)
     assert r["mcnemar_exact_p"] == pytest.approx(binomtest(4, 7, 0.5).pvalue)
+    assert r["folds"] is None, "one split, no folds"
+    in_folds = [{**row, "fold": i % 2} for i, row in enumerate(cls_rows(PRED_A))]
+    r = compare(write(tmp_path / "fa.json", in_folds),
+                write(tmp_path / "fb.json", [{**row, "fold": i % 2} for i, row in enumerate(cls_rows(PRED_B))]),
+                resamples=200)
+    assert [f["a"] for f in r["folds"]] == pytest.approx([right_a[0::2].mean(), right_a[1::2].mean()])
+    assert [f["b"] for f in r["folds"]] == pytest.approx([right_b[0::2].mean(), right_b[1::2].mean()])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -189,10 +189,11 @@ def test_lesion_only_trains_without_normals_and_evaluation_still_scores_them(pre
     assert result["aggregate"]["normal_images"]["n"] == manifest["counts_before_balancing"]["test"]["normal"] > 0
 
 
-def test_killed_run_resumes_from_its_last_epoch(prepared, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--deep-supervision", "1"]], ids=["unet", "deep_supervision"])
+def test_killed_run_resumes_from_its_last_epoch(flags, prepared, tmp_path):
     run = tmp_path / "run"
     args = ["train-segmenter", "--data", str(prepared), "--out", str(run), "--epochs", "12", "--patience", "0",
-            *TINY]
+            *TINY, *flags]
     p = _cli(*args)
     deadline = time.monotonic() + 240
     history = run / "history.csv"
@@ -220,6 +221,7 @@ SAVED_BEFORE = [  # a config.json written before the field existed, and what tha
     (SegmenterConfig, "augmentation", AUGMENT_BEFORE),
     (ClassifierConfig, "augmentation", AUGMENT_BEFORE),
     (SegmenterConfig, "deterministic", False),  # tf.data's order was free, no op determinism
+    (SegmenterConfig, "deep_supervision", 0),  # the U-Net's own output alone was trained
     (ClassifierConfig, "deterministic", False),
 ]
 

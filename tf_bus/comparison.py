@@ -16,6 +16,9 @@ Classifiers: accuracy and macro-F1 of A and B, the difference B − A of each wi
 interval (macro-F1 recomputed in every resample), per-class F1, and the cases one gets
 right and the other wrong, with McNemar's exact test on them.
 
+Two cross-validations that dealt the cases into the same folds are also compared fold by
+fold (``folds``), which shows how much of a difference one fold carries.
+
 An interval that holds 0 says the data cannot tell the two apart.
 """
 
@@ -189,6 +192,26 @@ def compare_classifiers(a: dict[str, dict], b: dict[str, dict], names: list[str]
     }
 
 
+def fold_breakdown(kind: str, a: dict[str, dict], b: dict[str, dict], names: list[str]) -> list[dict] | None:
+    """Per fold, for two cross-validations that dealt the shared cases into the same folds:
+    the cases and the mean lesion Dice (segmenters) or accuracy (classifiers) of A and B.
+    None otherwise (evaluations of one split, or other fold assignments)."""
+    if not all("fold" in a[n] and "fold" in b[n] and a[n]["fold"] == b[n]["fold"] for n in names):
+        return None
+    folds = []
+    for fold in sorted({a[n]["fold"] for n in names}):
+        cases = [n for n in names if a[n]["fold"] == fold]
+        if kind == "segmenter":
+            cases = [n for n in cases if a[n]["lesion"]]
+            va, vb = ([r[n]["dice"] for n in cases] for r in (a, b))
+        else:
+            va, vb = ([float(np.argmax(r[n]["probabilities"]) == r[n]["label"]) for n in cases] for r in (a, b))
+        if cases:
+            folds.append({"fold": int(fold), "n": len(cases), "a": float(np.mean(va)), "b": float(np.mean(vb)),
+                          "difference": float(np.mean(vb) - np.mean(va))})
+    return folds
+
+
 def compare(a: str | os.PathLike, b: str | os.PathLike, *, split: str = "test", resamples: int = 10000,
             seed: int = 0) -> dict[str, Any]:
     """Compares the evaluations ``a`` and ``b`` (paths as ``find_results`` takes them) on the
@@ -208,6 +231,7 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, *, split: str = "test", 
         "only_in_a": len(set(rows_a) - set(rows_b)), "only_in_b": len(set(rows_b) - set(rows_a)),
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "case"},
     }
+    result["folds"] = fold_breakdown(kind_a, rows_a, rows_b, names)
     if kind_a == "segmenter":
         result.update(compare_segmenters(rows_a, rows_b, names, resamples=resamples, seed=seed))
     else:
@@ -251,6 +275,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"A: {result['a']}", f"B: {result['b']}", f"shared cases: {result['shared_cases']}"
              + (f" (only in A: {result['only_in_a']}, only in B: {result['only_in_b']})"
                 if result["only_in_a"] or result["only_in_b"] else "")]
+    if result["folds"]:
+        what = "lesion Dice" if result["kind"] == "segmenter" else "accuracy"
+        lines.append(f"per fold ({what}, B-A): " + ", ".join(f"{f['fold']}: {f['a']:.3f}/{f['b']:.3f} "
+                                                          f"({f['difference']:+.3f})" for f in result["folds"]))
     if result["kind"] == "segmenter":
         les = result["lesion_images"]
         lines.append(f"lesion images: {les['n']}")
