@@ -190,7 +190,7 @@ def test_deep_supervision_trains_the_heads_and_the_unet_and_is_called_as_the_une
 
 
 @pytest.mark.parametrize("unet_kwargs,levels,message", [
-    (dict(image_size=(32, 32), depth=3), 0, r"within 1..depth-1 = 1..2"),
+    (dict(image_size=(32, 32), depth=3), 0, r"`levels` must be >= 1"),
     (dict(image_size=(32, 32), depth=3), 3, r"within 1..depth-1 = 1..2"),
     (dict(image_size=(188, 188), depth=2, padding="valid"), 1, "padding='same'"),
 ])

@@ -63,6 +63,17 @@ def check_unet_arguments(*, image_size: tuple, channels: int, depth: int, base_f
         )
 
 
+def check_deep_supervision(levels: int, *, depth: int, padding: str) -> None:
+    """Checks ``--deep-supervision`` against the U-Net (``ConfigError``, a ``ValueError``).
+    ``SegmenterConfig`` and ``tf_bus.models.unet.DeepSupervision`` both call it."""
+    if not 0 <= levels < depth:
+        raise ConfigError(f"`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..{depth - 1}. "
+                          f"Received: deep_supervision={levels}")
+    if levels and padding != "same":
+        raise ConfigError("`deep_supervision` needs padding='same' (its targets are the mask pooled by powers of 2). "
+                          f"Received: padding={padding!r}")
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"`{name}` must be within [0, 1]. Received: {name}={value!r}")
@@ -515,11 +526,7 @@ class SegmenterConfig(_TrainingConfig):
         check_unet_arguments(image_size=self.image_size, channels=self.channels, depth=self.depth,
                              base_filters=self.base_filters, upsampling=self.upsampling, padding=self.padding,
                              transformer_blocks=self.transformer_blocks, transformer_heads=self.transformer_heads)
-        if self.deep_supervision and not (self.padding == "same" and 1 <= self.deep_supervision < self.depth):
-            raise ConfigError(
-                f"`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..{self.depth - 1}, with padding='same'. "
-                f"Received: deep_supervision={self.deep_supervision}, padding={self.padding!r}"
-            )
+        check_deep_supervision(self.deep_supervision, depth=self.depth, padding=self.padding)
 
 
 #: What may pick the classifier's best checkpoint, and whether lower or higher is better.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from tf_bus.config import check_unet_arguments
+from tf_bus.config import check_deep_supervision, check_unet_arguments
 from tf_bus.models import normalization
 
 
@@ -305,11 +305,9 @@ class DeepSupervision(keras.Model):
     def __init__(self, unet: UNet, levels: int = 2, **kwargs):
         if isinstance(unet, dict):  # from_config
             unet = keras.saving.deserialize_keras_object(unet)
-        if getattr(unet, "padding", None) != "same":
-            raise ValueError("Deep supervision needs a UNet with padding='same' (the auxiliary targets are the mask "
-                             f"pooled by powers of 2). Received: padding={getattr(unet, 'padding', None)!r}")
-        if not 1 <= levels <= unet.depth - 1:
-            raise ValueError(f"`levels` must be within 1..depth-1 = 1..{unet.depth - 1}. Received: levels={levels}")
+        if levels < 1:
+            raise ValueError(f"`levels` must be >= 1 (with none the model is the U-Net itself). Received: levels={levels}")
+        check_deep_supervision(levels, depth=unet.depth, padding=unet.padding)
         super().__init__(**kwargs)
         self.unet = unet
         self.levels = levels
