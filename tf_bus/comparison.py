@@ -116,15 +116,9 @@ def compare_segmenters(a: dict[str, dict], b: dict[str, dict], names: list[str],
                          "the two were not scored against the same masks.")
     if not lesions:
         raise TfBusError("the shared cases hold no lesion image; Dice is only defined for lesion images.")
-    metrics = {}
-    for key in SEGMENTER_METRICS:
-        va = np.array([a[n][key] for n in lesions], float)
-        vb = np.array([b[n][key] for n in lesions], float)
-        metrics[key] = _paired(va, vb, resamples, seed)
-    dice_a = np.array([a[n]["dice"] for n in lesions], float)
-    dice_b = np.array([b[n]["dice"] for n in lesions], float)
-    tpr_a = np.array([a[n]["tpr"] for n in lesions], float)
-    tpr_b = np.array([b[n]["tpr"] for n in lesions], float)
+    values = {key: tuple(np.array([r[n][key] for n in lesions], float) for r in (a, b)) for key in SEGMENTER_METRICS}
+    metrics = {key: _paired(va, vb, resamples, seed) for key, (va, vb) in values.items()}
+    (dice_a, dice_b), (tpr_a, tpr_b) = values["dice"], values["tpr"]
     normals = [n for n in names if not a[n]["lesion"]]
     empty_a = np.array([bool(a[n]["predicted_empty"]) for n in normals], dtype=bool)
     empty_b = np.array([bool(b[n]["predicted_empty"]) for n in normals], dtype=bool)
