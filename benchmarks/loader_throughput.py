@@ -10,6 +10,10 @@ alternates between repeats and the median is reported. Prints JSON.
 later epochs of a training run (decoded images cached in memory, augmentation and
 batching still run each epoch). The baseline has no cache: a plain loop re-reads
 the files every epoch, which is what the loader replaces.
+
+``--copy-paste P`` also times the cached epochs with the U-Net's copy-paste augmentation
+on the batches (``tf_bus.training.segmentation.copy_paste``), alternating with the
+loader without it, and reports the ratio.
 """
 
 from __future__ import annotations
@@ -46,12 +50,16 @@ def pil_loop(cases, size: int) -> int:
     return n
 
 
-def loader_epochs(data, size: int, batch: int, epochs: int, augment: bool) -> list[tuple[int, float]]:
+def loader_epochs(data, size: int, batch: int, epochs: int, augment: bool,
+                  copy_paste: float = 0.0) -> list[tuple[int, float]]:
     from tf_bus.config import LoaderConfig
     from tf_bus.data.pipeline import segmentation_dataset
+    from tf_bus.training.segmentation import copy_paste as paste
 
     cfg = LoaderConfig(image_size=(size, size), batch_size=batch, shuffle=augment, augment=augment)
     ds = segmentation_dataset(data, "all", cfg)
+    if copy_paste:
+        ds = paste(ds, copy_paste, seed=1)
     out = []
     for _ in range(epochs):
         t = time.perf_counter()
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="loader batch size (default: 16)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (default: 3)")
     ap.add_argument("--augment", action="store_true", help="loader also shuffles and augments (training mode)")
+    ap.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
+                    help="also time the cached epochs with copy-paste at probability P on the batches (default: 0, off)")
     args = ap.parse_args()
 
     import tensorflow as tf
@@ -74,11 +84,16 @@ def main() -> None:
     from tf_bus.data.busi import scan_release
 
     cases = scan_release(args.data).cases
-    base, cold, cached = [], [], []
+    base, cold, cached, pasted = [], [], [], []
     for r in range(args.repeats):
         order = ("loader", "pil") if r % 2 == 0 else ("pil", "loader")
+        if args.copy_paste:
+            order = (*order, "paste") if r % 2 == 0 else ("paste", *order)
         for which in order:
-            if which == "pil":
+            if which == "paste":
+                epochs = loader_epochs(args.data, args.size, args.batch, 3, args.augment, args.copy_paste)
+                pasted.append(statistics.median(n / s for n, s in epochs[1:]))
+            elif which == "pil":
                 t = time.perf_counter()
                 n = pil_loop(cases, args.size)
                 base.append(n / (time.perf_counter() - t))
@@ -87,6 +102,11 @@ def main() -> None:
                 cold.append(epochs[0][0] / epochs[0][1])
                 cached.append(statistics.median(n / s for n, s in epochs[1:]))
     med = statistics.median
+    paste = {} if not args.copy_paste else {
+        "copy_paste": args.copy_paste,
+        "loader_cached_epoch_copy_paste_images_per_s": round(med(pasted), 1),
+        "copy_paste_over_cached": round(med(pasted) / med(cached), 2),
+    }
     print(json.dumps({
         "benchmark": "loader_throughput",
         "data": str(Path(args.data).resolve()),
@@ -102,8 +122,9 @@ def main() -> None:
         "loader_cached_epoch_images_per_s": round(med(cached), 1),
         "speedup_cold": round(med(cold) / med(base), 2),
         "speedup_cached": round(med(cached) / med(base), 2),
+        **paste,
         "all_runs": {"baseline": [round(v, 1) for v in base], "cold": [round(v, 1) for v in cold],
-                     "cached": [round(v, 1) for v in cached]},
+                     "cached": [round(v, 1) for v in cached], "copy_paste": [round(v, 1) for v in pasted]},
     }, indent=2))
 
 

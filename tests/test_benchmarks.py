@@ -23,13 +23,22 @@ def run_benchmark(script: str, *args: str, timeout: int = 300) -> dict:
     return json.loads(r.stdout)
 
 
-def test_loader_benchmark_prints_json(synthetic_release):
-    out = run_benchmark("loader_throughput.py", "--data", str(synthetic_release), "--size", "64", "--repeats", "1")
+@pytest.mark.parametrize("copy_paste", [None, "0.5"])
+def test_loader_benchmark_prints_json(synthetic_release, copy_paste):
+    flags = ["--copy-paste", copy_paste] if copy_paste else []
+    out = run_benchmark("loader_throughput.py", "--data", str(synthetic_release), "--size", "64", "--repeats", "1",
+                        "--augment", *flags)
     assert out["images"] == 36
     for key in ("baseline_pil_loop_images_per_s", "loader_cold_epoch_images_per_s", "loader_cached_epoch_images_per_s"):
         assert out[key] > 0
     ratio = out["loader_cached_epoch_images_per_s"] / out["baseline_pil_loop_images_per_s"]
     assert abs(out["speedup_cached"] - ratio) <= 0.01 * ratio + 0.01
+    if copy_paste:
+        assert out["copy_paste"] == 0.5 and len(out["all_runs"]["copy_paste"]) == 1
+        ratio = out["loader_cached_epoch_copy_paste_images_per_s"] / out["loader_cached_epoch_images_per_s"]
+        assert abs(out["copy_paste_over_cached"] - ratio) <= 0.01 * ratio + 0.01
+    else:
+        assert "copy_paste" not in out and out["all_runs"]["copy_paste"] == []
 
 
 def test_segmenter_training_benchmark_prints_json_with_onednn_off_and_on():

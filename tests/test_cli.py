@@ -58,6 +58,8 @@ ERRORS = [
      "`transformer_heads` must divide"),
     (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--deep-supervision", "5"],
      "`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..4"),
+    (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--copy-paste", "1.5"],
+     "`copy_paste` must be a probability in [0, 1]"),
 ]
 
 

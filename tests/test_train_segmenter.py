@@ -165,6 +165,8 @@ def test_deep_supervision_run_saves_plain_unets_and_its_diagnostics_see_the_unet
                                          (dict(image_size=(100, 100)), r"divisible by 2\*\*depth=32"),
                                          (dict(channels=2), "channels"),
                                          (dict(upsampling="nearest"), "upsampling"),
+                                         (dict(copy_paste=1.5), r"`copy_paste` must be a probability"),
+                                         (dict(copy_paste=-0.1), "copy_paste"),
                                          (dict(transformer_blocks=1, transformer_heads=0), "transformer_heads")])
 def test_bad_model_settings_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -187,6 +189,17 @@ def test_lesion_only_trains_without_normals_and_evaluation_still_scores_them(pre
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert len(result["per_image"]) == sum(manifest["counts_before_balancing"]["test"].values())
     assert result["aggregate"]["normal_images"]["n"] == manifest["counts_before_balancing"]["test"]["normal"] > 0
+
+
+def test_a_copy_paste_run_trains_and_records_it(prepared, tmp_path):
+    import math
+
+    run = tmp_path / "run"
+    summary = train_segmenter(prepared, run, tiny_config(epochs=1, copy_paste=1.0, diagnostics=False), verbose=0)
+    cfg, _ = load_run_config(run)
+    assert cfg.copy_paste == 1.0 and summary["epochs_run_in_this_fit"] == 1
+    row = next(csv.DictReader((run / "history.csv").open()))
+    assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["val_loss"]))
 
 
 @pytest.mark.parametrize("flags", [[], ["--deep-supervision", "1"]], ids=["unet", "deep_supervision"])
@@ -222,6 +235,7 @@ SAVED_BEFORE = [  # a config.json written before the field existed, and what tha
     (ClassifierConfig, "augmentation", AUGMENT_BEFORE),
     (SegmenterConfig, "deterministic", False),  # tf.data's order was free, no op determinism
     (SegmenterConfig, "deep_supervision", 0),  # the U-Net's own output alone was trained
+    (SegmenterConfig, "copy_paste", 0.0),  # nothing was pasted
     (ClassifierConfig, "deterministic", False),
 ]
 

@@ -482,6 +482,10 @@ def _add_train_segmenter(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")
+    p.add_argument("--copy-paste", type=float, default=d.copy_paste, metavar="P",
+                   help="copy-paste augmentation (Ghiasi et al. 2021): with probability P a training image receives "
+                        "the lesion of another image of its batch, flipped and shifted at random and blended in, and "
+                        f"its mask gains the pasted one; 0: off (default: {d.copy_paste:g})")
     p.add_argument("--lesion-only", action=argparse.BooleanOptionalAction, default=d.lesion_only,
                    help="train and validate on the images with a lesion only, leaving out the normal images (empty "
                         "masks), as most published BUSI segmentation results do; evaluate-segmenter still scores "
@@ -502,6 +506,7 @@ def _cmd_train_segmenter(args) -> int:
         transformer_blocks=args.transformer_blocks, transformer_heads=args.transformer_heads,
         deep_supervision=args.deep_supervision, loss=args.loss,
         epochs=args.epochs, learning_rate=args.learning_rate, threshold=args.threshold, lesion_only=args.lesion_only,
+        copy_paste=args.copy_paste,
         **_training_kwargs(args),
     )
     return _train_or_cross_validate("segmenter", train_segmenter, args, config)
@@ -692,6 +697,64 @@ def _cmd_compare(args) -> int:
     if args.plot:
         plot_comparison(result, args.plot, labels)
         print(f"plot -> {args.plot}")
+    return 0
+
+
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="lesion-aware classification: stack the U-Net's mask descriptors on the ResNet",
+                       description="Stack a U-Net cross-validation and a ResNet cross-validation run on the same "
+                                   "data with the same folds (train-segmenter/train-classifier --folds K): every "
+                                   "case's held-out U-Net mask is described (shape, orientation, margin, echo, "
+                                   "posterior features, confidence; tf_bus.descriptors) and gradient-boosted trees "
+                                   "combine the descriptors with the held-out ResNet probabilities. The trees are "
+                                   "scored fold by fold (fitted on the other folds), then fitted on every case. "
+                                   "Writes DIR/descriptors.csv, cross_validation.json (the classifier CV's schema: "
+                                   "`tf-bus compare CLF_CV DIR` works), fusion_model.json and PNGs.")
+    p.add_argument("segmenter_cv", metavar="SEG_CV", help="the --out folder of `tf-bus train-segmenter --folds K`")
+    p.add_argument("classifier_cv", metavar="CLF_CV", help="the --out folder of `tf-bus train-classifier --folds K`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--data", metavar="DIR",
+                   help="the release the cross-validations were trained on, if it has moved since (default: the "
+                        "path SEG_CV recorded)")
+    p.add_argument("--trees", type=_positive_int, default=200, help="boosting stages (default: 200)")
+    p.add_argument("--depth", type=_positive_int, default=2, help="depth of each tree (default: 2)")
+    p.add_argument("--learning-rate", type=float, default=0.05, help="shrinkage of each tree (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trees and of the bootstrap (default: 0)")
+    p.add_argument("--resamples", type=int, default=10000,
+                   help="bootstrap resamples of the paired comparison with the ResNet (default: 10000)")
+    p.set_defaults(func=_cmd_fuse)
+
+
+def _cmd_fuse(args) -> int:
+    from tf_bus.fusion import fuse, summary_lines
+
+    result = fuse(args.segmenter_cv, args.classifier_cv, args.out, data=args.data, trees=args.trees, depth=args.depth,
+                  learning_rate=args.learning_rate, seed=args.seed, resamples=args.resamples)
+    print("\n".join(summary_lines(result)))
+    print(f"fusion -> {Path(args.out).expanduser().resolve()}")
+    return 0
+
+
+def _add_fuse_predict(sub) -> None:
+    p = sub.add_parser("fuse-predict", help="classify image files with a `tf-bus fuse` result",
+                       description="Classify image files with the folds of a `tf-bus fuse` result: for each fold, "
+                                   "that fold's U-Net mask is described and its ResNet's probabilities taken, the "
+                                   "fusion trees (fusion_model.json) give fused probabilities, and the folds' "
+                                   "fused probabilities are averaged. Prints one JSON line per image.")
+    p.add_argument("fused_dir", metavar="FUSED_DIR", help="the --out folder of `tf-bus fuse`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/BMP files")
+    p.add_argument("--folds", action="store_true",
+                   help="also print each fold's ResNet probabilities, descriptors and fused probabilities")
+    p.set_defaults(func=_cmd_fuse_predict)
+
+
+def _cmd_fuse_predict(args) -> int:
+    from tf_bus.fusion import predict_fused
+
+    for row in predict_fused(args.fused_dir, args.images):
+        if not args.folds:
+            row.pop("folds")
+        print(json.dumps(row))
     return 0
 
 
@@ -947,13 +1010,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tf-bus",
         description="Breast ultrasound (BUSI) lesion segmentation and classification with Keras 3. "
                     "Stages in data-flow order: synth/check -> stage (S3) / prepare -> eda -> (train, tune, evaluate, export, "
-                    "compare, serve, predict).",
+                    "compare, fuse, serve, predict).",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_synth, _add_check, _add_prepare, _add_stage, _add_eda, _add_train_segmenter,
                 _add_evaluate_segmenter, _add_train_classifier, _add_evaluate_classifier, _add_tune, _add_compare,
-                _add_export, _add_serve, _add_predict):
+                _add_fuse, _add_fuse_predict, _add_export, _add_serve, _add_predict):
         add(sub)
     return parser
 

@@ -453,6 +453,9 @@ class SegmenterConfig(_TrainingConfig):
         augment: paired augmentation of the training split.
         augmentation: its ranges (``AugmentConfig``: flips, rotation, zoom, shift,
             brightness, contrast).
+        copy_paste: the probability that a training image receives another image's
+            lesion (flipped, shifted, blended in; its mask joins the image's own), after the
+            augmentation above (``tf_bus.training.segmentation.copy_paste``); 0 disables.
         lesion_only: train and validate on the images with a lesion only (BUSI's normal
             images, whose masks are empty, left out: the protocol of most published BUSI
             segmentation results). Evaluation still scores every image, normal ones apart.
@@ -506,6 +509,7 @@ class SegmenterConfig(_TrainingConfig):
     ema: float = 0.0
     augment: bool = True
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    copy_paste: float = 0.0
     lesion_only: bool = True  # three pairs of real runs: +0.04, +0.06, +0.02 test Dice (README)
     precision: str = "auto"
     early_stopping_patience: int = 20
@@ -527,6 +531,9 @@ class SegmenterConfig(_TrainingConfig):
                              base_filters=self.base_filters, upsampling=self.upsampling, padding=self.padding,
                              transformer_blocks=self.transformer_blocks, transformer_heads=self.transformer_heads)
         check_deep_supervision(self.deep_supervision, depth=self.depth, padding=self.padding)
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise ConfigError("`copy_paste` must be a probability in [0, 1] (0 disables). "
+                              f"Received: copy_paste={self.copy_paste}")
 
 
 #: What may pick the classifier's best checkpoint, and whether lower or higher is better.

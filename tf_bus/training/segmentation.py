@@ -23,6 +23,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tf_bus.config import LoaderConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
@@ -43,6 +44,52 @@ def loader_config(config: SegmenterConfig, **overrides) -> LoaderConfig:
                 batch_size=config.batch_size, seed=config.seed, augmentation=config.augmentation,
                 deterministic=ordered(config))
     return LoaderConfig(**{**base, **overrides})
+
+
+def copy_paste(ds: tf.data.Dataset, probability: float, seed: int, *, max_shift: float = 0.25,
+               sigma: float = 1.0) -> tf.data.Dataset:
+    """Copy-paste augmentation (Ghiasi et al., "Simple Copy-Paste is a Strong Data
+    Augmentation Method for Instance Segmentation", CVPR 2021) on batches of
+    ``(images, masks)``: with ``probability``, row i receives the lesion of another row j of
+    its batch, flipped left-right at random and shifted by up to ``max_shift`` of the image
+    size each way (whole pixels), blended in with the pasted mask blurred by a Gaussian of
+    ``sigma`` pixels (so no hard seam marks the paste); row i's mask becomes the union of its
+    own and the pasted one. A row paired with itself, or with a row without lesion, is
+    unchanged where nothing lands. Seeded and stateless, like ``mixup``, so every worker of a
+    multi-worker run pastes a global batch the same way."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(8)
+    radius = max(1, int(np.ceil(2 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    g /= g.sum()
+    kernel = tf.constant(np.outer(g, g)[:, :, None, None], tf.float32)
+
+    def paste(batch, seed):
+        images, masks = batch
+        shape = tf.shape(images)
+        n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+        s = tf.reshape(seed, [4, 2])
+        chosen = tf.random.stateless_uniform([n], s[0]) < probability
+        partner = tf.argsort(tf.random.stateless_uniform([n], s[1]))
+        shift = tf.round(tf.random.stateless_uniform([n, 2], s[2], -max_shift, max_shift) * tf.stack([h, w]))
+        flip = tf.random.stateless_uniform([n], s[3]) < 0.5
+        # Output pixel (x, y) reads the partner at (x_in, y_in): x_in = x - dx, or mirrored
+        # (w - 1) - (x - dx); y_in = y - dy.
+        a0 = tf.where(flip, -1.0, 1.0)
+        a2 = tf.where(flip, w - 1.0 + shift[:, 1], -shift[:, 1])
+        zeros, ones = tf.zeros([n]), tf.ones([n])
+        transforms = tf.stack([a0, zeros, a2, zeros, ones, -shift[:, 0], zeros, zeros], axis=1)
+
+        def moved(t, interpolation):
+            return tf.raw_ops.ImageProjectiveTransformV3(
+                images=tf.gather(t, partner), transforms=transforms, output_shape=shape[1:3],
+                interpolation=interpolation, fill_mode="CONSTANT", fill_value=0.0)
+
+        pasted_mask = moved(masks, "NEAREST") * tf.cast(chosen, masks.dtype)[:, None, None, None]
+        alpha = tf.nn.depthwise_conv2d(pasted_mask, kernel, [1, 1, 1, 1], "SAME")
+        images = alpha * moved(images, "NEAREST") + (1.0 - alpha) * images
+        return images, tf.maximum(masks, pasted_mask)
+
+    return tf.data.Dataset.zip((ds, seeds)).map(paste, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def build_segmenter(config: SegmenterConfig, replicas: int = 1) -> UNet:
@@ -105,6 +152,8 @@ def train_segmenter(
         distributed = dict(drop_remainder=strategy.num_replicas_in_sync > 1, lesion_only=config.lesion_only)
         train_ds = segmentation_dataset(data, "train", loader_config(config, augment=config.augment, **distributed),
                                         training=True, splits_file=splits_file)
+        if config.copy_paste > 0:
+            train_ds = copy_paste(train_ds, config.copy_paste, config.seed + 1)  # + 1: not the augmentation's stream
         n_val = count_segmentation_examples(data, "validation", splits_file=splits_file, lesion_only=config.lesion_only)
         val_batch, val_drop = validation_batching(config.batch_size, n_val, strategy.num_replicas_in_sync)
         val_ds = segmentation_dataset(data, "validation",

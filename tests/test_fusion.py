@@ -1,0 +1,278 @@
+"""Lesion descriptors (tf_bus.descriptors) and the stacked classifier (tf_bus.fusion, `tf-bus fuse`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tf_bus.data.busi import TfBusError
+from tf_bus.descriptors import DESCRIPTOR_NAMES, lesion_descriptors
+from tf_bus.fusion import FEATURE_NAMES, BoostedTrees, fuse
+
+H = W = 200
+YY, XX = np.mgrid[:H, :W]
+
+
+def _d(image, prob, threshold=0.5) -> dict[str, float]:
+    return dict(zip(DESCRIPTOR_NAMES, lesion_descriptors(image, prob, threshold)))
+
+
+def _disc(cy, cx, r):
+    return ((YY - cy) ** 2 + (XX - cx) ** 2 <= r ** 2).astype(float)
+
+
+def _rect(top, left, h, w):
+    m = np.zeros((H, W))
+    m[top:top + h, left:left + w] = 1
+    return m
+
+
+STAR = (np.hypot(YY - 100, XX - 100) <= 40 + 20 * np.cos(8 * np.arctan2(YY - 100, XX - 100))).astype(float)
+
+SHAPES = [  # mask, and what its descriptors must say
+    (_disc(80, 100, 30), dict(height_over_width=1.0, depth=80 / H), dict(circularity=(0.95, 1.0),
+                                                                       solidity=(0.95, 1.0), area=(0.0695, 0.0720))),
+    (_rect(50, 40, 20, 60), dict(height_over_width=20 / 60, solidity=1.0, area=1200 / (H * W), depth=59.5 / H), {}),
+    (_rect(50, 90, 60, 20), dict(height_over_width=3.0), {}),  # taller than wide
+    (STAR, {}, dict(circularity=(0.0, 0.3), solidity=(0.4, 0.7), margin_irregularity=(8.0, 11.0))),
+    # an L: two 40x10 bars; the hull of their pixel corners is the L plus a 30x30 triangle
+    (np.maximum(_rect(20, 20, 40, 10), _rect(50, 20, 10, 40)), dict(area=700 / (H * W), solidity=700 / (700 + 450)), {}),
+    # a ring: its hole is filled, so the area is the disc's
+    (_disc(100, 100, 30) - _disc(100, 100, 10), dict(area=_disc(100, 100, 30).sum() / (H * W)), {}),
+]
+
+
+@pytest.mark.parametrize("mask,exact,ranges", SHAPES)
+def test_shape_descriptors_of_hand_made_masks(mask, exact, ranges):
+    d = _d(np.full((H, W), 0.5), mask)
+    for name, value in exact.items():
+        assert d[name] == pytest.approx(value, rel=1e-9), name
+    for name, (lo, hi) in ranges.items():
+        assert lo <= d[name] <= hi, (name, d[name])
+    assert d["components"] == 1 and d["max_probability"] == 1.0
+
+
+@pytest.mark.parametrize("below,posterior", [(0.6, 0.4), (0.1, -0.1)], ids=["enhancement", "shadowing"])
+def test_echo_descriptors(below, posterior):
+    lesion = _rect(60, 80, 40, 40)
+    image = np.full((H, W), 0.6)
+    image[lesion > 0] = 0.2
+    image[100:140, 80:120] = below  # the 8% of the height under the lesion (16 rows) lies inside this band
+    d = _d(image, lesion)
+    assert d["mean_inside"] == pytest.approx(0.2) and d["heterogeneity"] == pytest.approx(0.0, abs=1e-12)
+    # The ring (4 px wide, square corners) around the lesion: 0.6 except where it dips into the band below.
+    ring_below = 4 * 40  # 4 rows under the lesion, as wide as the band
+    ring = (48 * 48) - 40 * 40
+    assert d["mean_around"] == pytest.approx((0.6 * (ring - ring_below) + below * ring_below) / ring)
+    assert d["contrast"] == pytest.approx(d["mean_inside"] - d["mean_around"])
+    assert d["posterior"] == pytest.approx(posterior)
+
+
+def test_empty_and_several_components():
+    prob = np.full((H, W), 0.1)
+    prob[0, 0] = 0.4
+    d = _d(np.full((H, W), 0.5), prob)
+    assert d["components"] == 0 and d["max_probability"] == pytest.approx(0.4)
+    assert all(d[n] == 0.0 for n in DESCRIPTOR_NAMES if n not in ("max_probability", "top_probability"))
+    assert d["top_probability"] == pytest.approx((0.4 + 79 * 0.1) / 80)  # 0.2% of 40,000 pixels
+    two = np.maximum(_rect(10, 10, 10, 10), _rect(100, 100, 20, 30))
+    d = _d(np.full((H, W), 0.5), two)
+    assert d["components"] == 2 and d["area"] == pytest.approx(600 / (H * W))  # the larger one
+    assert d["mask_fraction"] == pytest.approx(700 / (H * W))
+
+
+def test_descriptors_need_matching_sizes():
+    with pytest.raises(ValueError, match=r"image \(10, 10\) and probabilities \(20, 20\)"):
+        lesion_descriptors(np.zeros((10, 10)), np.zeros((20, 20)), 0.5)
+
+
+@pytest.mark.parametrize("trees,depth,classes", [(30, 2, 3), (10, 3, 3), (20, 1, 3)])
+def test_boosted_trees_give_scikit_learns_probabilities(trees, depth, classes, tmp_path):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    rng = np.random.default_rng(trees)
+    x = rng.normal(size=(150, 5))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    fitted = BoostedTrees.fit(x, y, feature_names=list("abcde"), class_names=["p", "q", "r"], trees=trees, depth=depth,
+                              learning_rate=0.1, seed=0)
+    reference = GradientBoostingClassifier(n_estimators=trees, max_depth=depth, learning_rate=0.1, random_state=0).fit(x, y)
+    test = rng.normal(size=(40, 5))
+    np.testing.assert_allclose(fitted.predict_proba(test), reference.predict_proba(test), atol=1e-10)
+    fitted.save(tmp_path / "m.json")
+    again = BoostedTrees.load(tmp_path / "m.json")
+    np.testing.assert_array_equal(again.predict_proba(test), fitted.predict_proba(test))
+    importance = fitted.importances()
+    assert sum(importance.values()) == pytest.approx(1.0)
+    assert importance["a"] > importance["e"] and importance["b"] > importance["e"], "the label depends on a and b"
+    with pytest.raises(TfBusError, match="takes 5 features"):
+        fitted.predict_proba(test[:, :4])
+
+
+def test_boosted_trees_need_every_class():
+    with pytest.raises(TfBusError, match="no normal case"):
+        BoostedTrees.fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]), feature_names=["a", "b"],
+                         class_names=["benign", "malignant", "normal"])
+
+
+def test_a_damaged_fusion_model_file_is_named(tmp_path):
+    with pytest.raises(TfBusError, match="no such fusion model"):
+        BoostedTrees.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(TfBusError, match="not a fusion model"):
+        BoostedTrees.load(tmp_path / "bad.json")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY_SEG = ["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8", "--epochs", "2",
+            "--warmup-epochs", "0", "--no-diagnostics", "--quiet"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tf_bus.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_cvs(synthetic_release, tmp_path_factory):
+    """A 2-fold U-Net and a 2-fold ResNet cross-validation of the synthetic release (same folds)."""
+    from tf_bus.config import ClassifierConfig
+    from tf_bus.training.cross_validation import cross_validate
+
+    root = tmp_path_factory.mktemp("cvs")
+    r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2", *TINY_SEG)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
+                              diagnostics=False)
+    cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
+    return root / "seg", root / "clf"
+
+
+@pytest.fixture(scope="module")
+def fused(two_cvs, tmp_path_factory):
+    seg, clf = two_cvs
+    out = tmp_path_factory.mktemp("fused") / "fused"
+    r = _cli("fuse", seg, clf, "--out", out, "--trees", "20", "--resamples", "200")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fused - ResNet accuracy" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_fuse_stacks_two_cross_validations(two_cvs, fused, synthetic_release):
+    from tf_bus.evaluation import classification_metrics, predict_split
+
+    seg, clf = two_cvs
+    out = fused
+    result = json.loads((out / "cross_validation.json").read_text())
+    clf_cv = json.loads((clf / "cross_validation.json").read_text())
+    per = result["per_image"]
+    assert sorted(p["name"] for p in per) == sorted(p["name"] for p in clf_cv["per_image"])
+    folds = {p["name"]: p["fold"] for p in clf_cv["per_image"]}
+    assert all(p["fold"] == folds[p["name"]] for p in per)
+    assert np.allclose([sum(p["probabilities"]) for p in per], 1.0)
+    pooled = classification_metrics([p["label"] for p in per], [p["probabilities"] for p in per])
+    assert result["pooled"] == json.loads(json.dumps(pooled))
+    assert result["resnet_alone"]["accuracy"] == pytest.approx(clf_cv["pooled"]["accuracy"])
+    assert result["against_resnet"]["accuracy"]["difference"] == pytest.approx(
+        result["pooled"]["accuracy"] - clf_cv["pooled"]["accuracy"])
+    for name in ("confusion_matrix.png", "roc.png", "importance.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    # descriptors.csv: every case, and each fold's cases measured again by hand from that fold's U-Net.
+    from PIL import Image
+
+    rows = {r["name"]: r for r in csv.DictReader((out / "descriptors.csv").open())}
+    assert len(rows) == len(per) and list(next(iter(rows.values())))[-len(DESCRIPTOR_NAMES):] == list(DESCRIPTOR_NAMES)
+    seg_cv = json.loads((seg / "cross_validation.json").read_text())
+    for k in (0, 1):
+        for name, image_path, prob, _ in predict_split(seg / f"fold_{k}", synthetic_release, "test", tta=True,
+                                                       splits_file=seg / f"fold_{k}" / "splits.json")[:3]:
+            image = np.asarray(Image.open(image_path).convert("L"), np.float64) / 255.0
+            expected = lesion_descriptors(image, prob, seg_cv["folds"][k]["threshold"])
+            assert int(rows[name]["fold"]) == k
+            np.testing.assert_allclose([float(rows[name][n]) for n in DESCRIPTOR_NAMES], expected, rtol=1e-5, atol=1e-6)
+    rows = list(rows.values())
+
+    # The model fitted on every case reads back and applies to the table's features.
+    model = BoostedTrees.load(out / "fusion_model.json")
+    assert model.feature_names == list(FEATURE_NAMES)
+    x = np.c_[np.log(np.clip([[float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")] for r in rows],
+                             1e-6, 1)), [[float(r[n]) for n in DESCRIPTOR_NAMES] for r in rows]]
+    assert model.predict_proba(x).shape == (len(rows), 3)
+
+    # tf-bus compare reads the fused result as a classifier cross-validation.
+    r = _cli("compare", clf, out, "--resamples", "200")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy" in r.stdout
+
+
+@pytest.mark.slow
+def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthetic_release):
+    from tf_bus.config import CLASS_NAMES
+    from tf_bus.fusion import features, predict_fused
+
+    _, clf = two_cvs
+    rows = list(csv.DictReader((fused / "descriptors.csv").open()))
+    chosen = [r for r in rows if r["fold"] == "0"][:2] + [r for r in rows if r["fold"] == "1"][:2]
+    paths = [synthetic_release / r["class"] / f"{r['name']}.png" for r in chosen]
+    resnet_cv = {p["name"]: p["probabilities"] for p in json.loads((clf / "cross_validation.json").read_text())["per_image"]}
+    trees = BoostedTrees.load(fused / "fusion_model.json")
+    for row, out in zip(chosen, predict_fused(fused, paths)):
+        assert [f["fold"] for f in out["folds"]] == [0, 1]
+        own = out["folds"][int(row["fold"])]  # the fold that held this case out scored it in the CV
+        np.testing.assert_allclose([own["descriptors"][n] for n in DESCRIPTOR_NAMES],
+                                   [float(row[n]) for n in DESCRIPTOR_NAMES], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(own["resnet"], resnet_cv[row["name"]], atol=2e-6)
+        for f in out["folds"]:
+            x = features([f["resnet"]], [[f["descriptors"][n] for n in DESCRIPTOR_NAMES]])
+            np.testing.assert_allclose(f["fused"], trees.predict_proba(x)[0], atol=1e-12)
+        mean = np.mean([f["fused"] for f in out["folds"]], axis=0)
+        np.testing.assert_allclose([out["probabilities"][c] for c in CLASS_NAMES], mean, atol=1e-12)
+        assert out["class"] == CLASS_NAMES[int(np.argmax(mean))]
+    r = _cli("fuse-predict", fused, paths[0])
+    assert r.returncode == 0, r.stderr[-3000:]
+    [line] = r.stdout.splitlines()
+    assert json.loads(line)["class"] in CLASS_NAMES and "folds" not in json.loads(line)
+    r = _cli("fuse-predict", fused, paths[0].with_name("nope.png"))
+    assert r.returncode == 2 and "nope.png: no such image file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage,message", [
+    ("swap", "is a segmenter cross-validation; pass a classifier's"),
+    ("fold", "stacking needs the same folds"),
+    ("foreign", "is not in"),
+    ("missing", "no cross_validation.json"),
+])
+def test_fuse_refuses_cross_validations_that_do_not_pair(two_cvs, tmp_path, damage, message):
+    seg, clf = two_cvs
+    if damage == "swap":
+        args = (seg, seg)
+    else:
+        bad = tmp_path / "clf"
+        shutil.copytree(clf, bad)
+        file = bad / "cross_validation.json"
+        result = json.loads(file.read_text())
+        if damage == "fold":
+            result["per_image"][0]["fold"] = 1 - result["per_image"][0]["fold"]
+        elif damage == "foreign":
+            result["per_image"][0]["name"] = "benign (9999)"
+        file.write_text(json.dumps(result))
+        if damage == "missing":
+            file.unlink()
+        args = (seg, bad)
+    r = _cli("fuse", *args, "--out", tmp_path / "out")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "nothing written for a refused fusion"
+
+
+def test_fuse_checks_its_settings(tmp_path):
+    with pytest.raises(TfBusError, match="trees=0"):
+        fuse(tmp_path, tmp_path, tmp_path / "out", trees=0)
