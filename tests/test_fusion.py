@@ -214,7 +214,7 @@ def test_fuse_stacks_two_cross_validations(two_cvs, fused, synthetic_release):
 
 
 @pytest.mark.slow
-def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthetic_release):
+def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthetic_release, tmp_path):
     from tf_bus.config import CLASS_NAMES
     from tf_bus.fusion import features, predict_fused
 
@@ -242,6 +242,13 @@ def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthe
     assert json.loads(line)["class"] in CLASS_NAMES and "folds" not in json.loads(line)
     r = _cli("fuse-predict", fused, paths[0].with_name("nope.png"))
     assert r.returncode == 2 and "nope.png: no such image file" in r.stderr and "Traceback" not in r.stderr
+    moved = tmp_path / "moved"
+    shutil.copytree(fused, moved)
+    result = json.loads((moved / "cross_validation.json").read_text())
+    result["settings"]["segmenter_cv"] = str(tmp_path / "gone")
+    (moved / "cross_validation.json").write_text(json.dumps(result))
+    r = _cli("fuse-predict", moved, paths[0])
+    assert r.returncode == 2 and "gone: the cross-validation" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -276,3 +283,23 @@ def test_fuse_refuses_cross_validations_that_do_not_pair(two_cvs, tmp_path, dama
 def test_fuse_checks_its_settings(tmp_path):
     with pytest.raises(TfBusError, match="trees=0"):
         fuse(tmp_path, tmp_path, tmp_path / "out", trees=0)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_fold_outputs_do_not_depend_on_the_batching(synthetic_release, tta):
+    import tensorflow as tf
+
+    from tf_bus.fusion import _fold_probabilities
+    from tf_bus.models.unet import UNet
+
+    model = UNet(image_size=(32, 32), channels=1, depth=2, base_filters=4)
+    contents = [tf.constant(p.read_bytes()) for p in sorted(synthetic_release.glob("benign/*).png"))[:5]]
+    whole = _fold_probabilities(model, contents, 1, (32, 32), "unit", tta, np.float32)
+    pieces = _fold_probabilities(model, contents, 1, (32, 32), "unit", tta, np.float32, batch=2)
+    assert len(whole) == len(pieces) == 5 and whole[0].shape == (32, 32, 1)
+    for a, b in zip(whole, pieces):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    if tta:  # the mirrored pass is mirrored back: a mirrored input gives the mirrored map
+        mirrored = [tf.io.encode_png(tf.reverse(tf.io.decode_png(c, 1), [1])) for c in contents[:1]]
+        again = _fold_probabilities(model, mirrored, 1, (32, 32), "unit", tta, np.float32)
+        np.testing.assert_allclose(again[0], whole[0][:, ::-1], atol=1e-5)

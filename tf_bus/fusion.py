@@ -309,21 +309,25 @@ def fuse(segmenter_cv, classifier_cv, out_dir, *, data=None, trees: int = 200, d
 
 
 def _fold_probabilities(model, contents: list, channels: int, image_size, scale: str, tta: bool,
-                        dtype) -> list[np.ndarray]:
+                        dtype, batch: int = 32) -> list[np.ndarray]:
     """A model's outputs for encoded images, decoded, resized and scaled as its loader does;
     with ``tta`` averaged with the mirror images' (mirrored back), in ``dtype`` as the
-    evaluate commands average them."""
+    evaluate commands average them. ``batch`` images at a time."""
     import tensorflow as tf
 
     from tf_bus.data.pipeline import decode_image, resize_image
 
-    x = tf.stack([resize_image(decode_image(c, channels), channels, tuple(image_size)) for c in contents])
-    x = tf.cast(x, tf.float32) / (255.0 if scale == "unit" else 1.0)
-    out = np.asarray(model.predict_on_batch(x), dtype)
-    if tta:
-        flipped = np.asarray(model.predict_on_batch(tf.reverse(x, [2])), dtype)
-        out = (out + (flipped[:, :, ::-1] if out.ndim == 4 else flipped)) / 2.0
-    return list(out)
+    outputs = []
+    for start in range(0, len(contents), batch):
+        x = tf.stack([resize_image(decode_image(c, channels), channels, tuple(image_size))
+                      for c in contents[start:start + batch]])
+        x = tf.cast(x, tf.float32) / (255.0 if scale == "unit" else 1.0)
+        out = np.asarray(model.predict_on_batch(x), dtype)
+        if tta:
+            flipped = np.asarray(model.predict_on_batch(tf.reverse(x, [2])), dtype)
+            out = (out + (flipped[:, :, ::-1] if out.ndim == 4 else flipped)) / 2.0
+        outputs += list(out)
+    return outputs
 
 
 def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -356,6 +360,10 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
         raise TfBusError(f"{fused_dir}: no cross_validation.json; pass the --out folder of `tf-bus fuse`.") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise TfBusError(f"{file}: not written by `tf-bus fuse` (no fusion settings).") from None
+    for cv in (seg_dir, clf_dir):
+        if not (cv / "cross_validation.json").is_file():
+            raise TfBusError(f"{cv}: the cross-validation {file} was fused from is gone; fuse-predict needs its "
+                             "fold models. Run `tf-bus fuse` again on where the cross-validations are now.")
     trees = BoostedTrees.load(fused_dir / "fusion_model.json")
     contents, grey = [], []
     for path in images:
