@@ -43,14 +43,11 @@ TOP_SHARE = 0.002
 
 
 def _convex_hull_area(rows: np.ndarray, cols: np.ndarray) -> float:
-    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial import ConvexHull
 
-    # Pixel corners, not centres: a one-pixel-wide lesion still has an area.
+    # Pixel corners, not centres: even a one-pixel-wide lesion has a hull of positive area.
     points = np.concatenate([np.c_[rows + dr, cols + dc] for dr in (-0.5, 0.5) for dc in (-0.5, 0.5)])
-    try:
-        return float(ConvexHull(points).volume)
-    except QhullError:  # all on one line cannot happen with corners; kept for safety
-        return float(len(rows))
+    return float(ConvexHull(points).volume)
 
 
 def _perimeter(mask: np.ndarray) -> float:
@@ -84,12 +81,13 @@ def lesion_descriptors(image: np.ndarray, probabilities: np.ndarray, threshold: 
         raise ValueError(f"image {image.shape} and probabilities {prob.shape} differ in size; resize the "
                          "probabilities to the image first.")
     h, w = prob.shape
-    flat = np.sort(prob.ravel())
-    top = flat[-max(1, int(round(TOP_SHARE * flat.size))):].mean()
+    flat = prob.ravel()
+    k = max(1, int(round(TOP_SHARE * flat.size)))
+    top = np.partition(flat, flat.size - k)[-k:].mean()  # the k highest, without sorting the image
     mask = prob >= threshold
     labels, components = ndimage.label(mask)
     values = dict.fromkeys(DESCRIPTOR_NAMES, 0.0)
-    values.update(components=float(components), mask_fraction=float(mask.mean()), max_probability=float(flat[-1]),
+    values.update(components=float(components), mask_fraction=float(mask.mean()), max_probability=float(flat.max()),
                   top_probability=float(top))
     if components:
         sizes = np.bincount(labels.ravel())[1:]
