@@ -99,6 +99,28 @@ def _mask(rows: list[str]) -> np.ndarray:
 ])
 def test_postprocessing_by_hand(mode, given, expected):
     assert np.array_equal(postprocess_mask(_mask(given), mode), _mask(expected))
+    if mode == "largest":  # what an exported segmenter applies in its signature
+        from tf_bus.descriptors import largest_component_tf
+
+        np.testing.assert_array_equal(largest_component_tf(_mask(given)).numpy(), _mask(expected))
+
+
+def _noisy(seed, shape=(60, 80)):
+    from scipy import ndimage
+
+    p = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
+    return p > np.quantile(p, 0.6)
+
+
+@pytest.mark.parametrize("mask", [
+    _noisy(0), _noisy(1, (33, 97)), _noisy(2, (97, 33)),
+    _mask(["#.#.#", ".....", "#.#.#"]),  # five single pixels tie: the first wins
+    _mask(["#####", "#...#", "#.#.#", "#...#", "#####"]),  # a ring around an island: all filled
+], ids=["noise0", "noise1", "noise2", "ties", "island"])
+def test_tensorflow_largest_component_equals_scipys(mask):
+    from tf_bus.descriptors import largest_component_tf
+
+    np.testing.assert_array_equal(largest_component_tf(mask).numpy(), postprocess_mask(mask, "largest"))
 
 
 def test_postprocessing_is_chosen_on_validation_only_when_it_helps():

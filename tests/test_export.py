@@ -46,6 +46,13 @@ def keras_input(encoded: bytes, size, channels) -> np.ndarray:
     return resize_image(decode_image(tf.constant(encoded), channels), channels, size).numpy().astype("float32")
 
 
+def stored_values(saved_model: str) -> int:
+    """How many numbers the SavedModel's checkpoint holds."""
+    reader = tf.train.load_checkpoint(os.path.join(saved_model, "variables", "variables"))
+    return sum(int(np.prod(shape)) for name, shape in reader.get_variable_to_shape_map().items()
+               if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+
+
 def test_classifier_export_matches_the_keras_model(tiny_runs, tmp_path, images):
     info = export_run(tiny_runs["classifier"], tmp_path / "models", "busi_classifier")
     assert info["version"] == 1 and Path(info["path"]) == tmp_path / "models" / "busi_classifier" / "1"
@@ -61,30 +68,43 @@ def test_classifier_export_matches_the_keras_model(tiny_runs, tmp_path, images):
     assert [n.decode() for n in out["class_names"].numpy()] == [("benign", "malignant", "normal")[i] for i in expected.argmax(-1)]
     t = loaded.signatures["predict_tensor"](images=tf.constant(x))
     np.testing.assert_allclose(t["probabilities"].numpy(), expected, atol=1e-5)
+    # Each weight stored once (keras-team/keras#23553 stores them twice after track()).
+    assert stored_values(info["path"]) == model.count_params()
 
 
-def test_segmenter_export_returns_masks_at_each_inputs_own_size(tiny_runs, tmp_path, images):
-    info = export_run(tiny_runs["segmenter"], tmp_path / "models", "busi_segmenter", threshold=0.5)
+@pytest.mark.parametrize("postprocess", ["none", "largest"])
+def test_segmenter_export_returns_masks_at_each_inputs_own_size(tiny_runs, tmp_path, images, postprocess):
+    from tf_bus.evaluation import postprocess_mask
+
     _, _, model = read_run(tiny_runs["segmenter"])
-    loaded = tf.saved_model.load(info["path"])
     encoded = [images["grey_png"][1], images["rgb_png"][1]]
+    x = np.stack([keras_input(e, (32, 32), 1) for e in encoded])
+    small = model(x / 255.0, training=False).numpy()
+    # The median probability as threshold: a ragged mask, several components and holes.
+    threshold = float(np.median(small))
+    info = export_run(tiny_runs["segmenter"], tmp_path / "models", "busi_segmenter", threshold=threshold,
+                      postprocess=postprocess)
+    assert info["postprocess"] == postprocess and info["threshold"] == threshold
+    loaded = tf.saved_model.load(info["path"])
     out = loaded.signatures["serving_default"](images=tf.constant(encoded))
     sizes = out["image_size"].numpy()
     np.testing.assert_array_equal(sizes, [[40, 56], [50, 30]])
     probs = out["mask_probabilities"].numpy()
     assert probs.shape == (2, 50, 56)  # padded to the largest height and width
-    x = np.stack([keras_input(e, (32, 32), 1) for e in encoded])
-    small = model(x / 255.0, training=False).numpy()
     for i, (h, w) in enumerate(sizes):
         own = tf.image.resize(small[i], (h, w), method="bilinear").numpy()[..., 0]
         np.testing.assert_allclose(probs[i, :h, :w], own, atol=1e-5)
         assert not probs[i, h:, :].any() and not probs[i, :, w:].any()
         mask = np.asarray(Image.open(io.BytesIO(out["mask_png_bytes"].numpy()[i])))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, own >= 0.5)
-        assert out["lesion_area_fraction"].numpy()[i] == pytest.approx((own >= 0.5).mean(), abs=1e-6)
+        expected = postprocess_mask(own >= threshold, postprocess)
+        if postprocess == "largest":
+            assert not np.array_equal(expected, own >= threshold), "post-processing must change this case"
+        np.testing.assert_array_equal(mask == 255, expected)
+        assert out["lesion_area_fraction"].numpy()[i] == pytest.approx(expected.mean(), abs=1e-6)
     t = loaded.signatures["predict_tensor"](images=tf.constant(x))
     np.testing.assert_allclose(t["mask_probabilities"].numpy(), small[..., 0], atol=1e-5)
+    assert stored_values(info["path"]) == model.count_params()
 
 
 def test_versions_names_and_saved_model_cli(tiny_runs, tmp_path):
@@ -100,6 +120,11 @@ def test_versions_names_and_saved_model_cli(tiny_runs, tmp_path):
             export_run(tiny_runs["segmenter"], base, bad)
     with pytest.raises(TfBusError, match="config.json: missing"):
         export_run(tmp_path, base, "seg")
+    with pytest.raises(TfBusError, match="must be one of none, largest. Received: 'biggest'"):
+        export_run(tiny_runs["segmenter"], base, "seg", postprocess="biggest")
+    with pytest.raises(TfBusError, match="applies to segmenters"):
+        export_run(tiny_runs["classifier"], base, "cls", postprocess="largest")
+    assert sorted(p.name for p in base.iterdir()) == ["seg"] and len(list((base / "seg").iterdir())) == 3
     cli = Path(sys.executable).with_name("saved_model_cli")
     r = subprocess.run([str(cli), "show", "--dir", str(base / "seg" / "1"), "--all"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

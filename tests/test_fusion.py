@@ -87,6 +87,47 @@ def test_empty_and_several_components():
     assert d["mask_fraction"] == pytest.approx(700 / (H * W))
 
 
+def _blobs(seed, shape=(90, 70), sigma=2.5):
+    from scipy import ndimage
+
+    p = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    return (p - p.min()) / (p.max() - p.min())
+
+
+def _tied():  # three 3x3 squares: the largest is a tie, won by the first in raster order
+    m = np.zeros((30, 30))
+    m[2:5, 20:23] = m[10:13, 2:5] = m[20:23, 20:23] = 1
+    return m
+
+
+def _framed():  # touches three image borders; its holes: one inside, one open to the image edge
+    m = np.zeros((40, 50))
+    m[0:30, 0:50] = 1
+    m[10:15, 10:15] = 0
+    m[20:25, 0:3] = 0
+    m[0, 20:25] = 0
+    return m
+
+
+TF_CASES = [(mask, 0.5) for mask, _, _ in SHAPES] + [
+    (_tied(), 0.5), (np.zeros((20, 30)), 0.5), (np.ones((20, 30)), 0.5), (_framed(), 0.5),
+    (_blobs(0), 0.5), (_blobs(1), 0.7), (_blobs(2, (41, 128), 1.5), 0.4), (_blobs(3, (128, 41), 4.0), 0.6),
+]
+
+
+@pytest.mark.parametrize("prob,threshold", TF_CASES)
+def test_tensorflow_descriptors_equal_numpys(prob, threshold):
+    """What an exported fusion measures while serving is what `fuse` measured."""
+    import tensorflow as tf
+
+    from tf_bus.descriptors import lesion_descriptors_tf
+
+    image = np.random.default_rng(prob.size).random(prob.shape)
+    expected = lesion_descriptors(image, prob, threshold)
+    got = tf.function(lesion_descriptors_tf)(tf.constant(image), tf.constant(prob), tf.constant(threshold, tf.float64))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_descriptors_need_matching_sizes():
     with pytest.raises(ValueError, match=r"image \(10, 10\) and probabilities \(20, 20\)"):
         lesion_descriptors(np.zeros((10, 10)), np.zeros((20, 20)), 0.5)
@@ -104,6 +145,15 @@ def test_boosted_trees_give_scikit_learns_probabilities(trees, depth, classes, t
     reference = GradientBoostingClassifier(n_estimators=trees, max_depth=depth, learning_rate=0.1, random_state=0).fit(x, y)
     test = rng.normal(size=(40, 5))
     np.testing.assert_allclose(fitted.predict_proba(test), reference.predict_proba(test), atol=1e-10)
+    # The same trees as TensorFlow ops (what an exported fusion runs), on the test points and
+    # on points lying exactly on split thresholds (x <= threshold goes left in both).
+    on_split = test.copy()
+    splits = [(f, t) for stage in fitted.trees for tree in stage for f, t in zip(tree["feature"], tree["threshold"])
+              if f >= 0]
+    for i, (f, t) in enumerate(splits[:len(on_split)]):
+        on_split[i, f] = t
+    for points in (test, on_split):
+        np.testing.assert_allclose(fitted.tf_predict_proba(points).numpy(), fitted.predict_proba(points), atol=1e-12)
     fitted.save(tmp_path / "m.json")
     again = BoostedTrees.load(tmp_path / "m.json")
     np.testing.assert_array_equal(again.predict_proba(test), fitted.predict_proba(test))
@@ -249,6 +299,60 @@ def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthe
     (moved / "cross_validation.json").write_text(json.dumps(result))
     r = _cli("fuse-predict", moved, paths[0])
     assert r.returncode == 2 and "gone: the cross-validation" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_exported_fusion_serves_what_fuse_predict_computes(two_cvs, fused, synthetic_release, tmp_path):
+    """`tf-bus export FUSED_DIR`: one SavedModel (both folds' U-Net and ResNet, the
+    descriptors and the trees as TensorFlow ops) answers as `fuse-predict`, in process and
+    through the project's TF Serving-protocol server over REST and gRPC."""
+    import tensorflow as tf
+
+    from tf_bus.config import CLASS_NAMES
+    from tf_bus.fusion import load_fused, predict_fused
+    from tf_bus.serving.client import predict_images
+    from tf_bus.serving.server import serve_on_loopback
+
+    rows = list(csv.DictReader((fused / "descriptors.csv").open()))
+    chosen = [r for r in rows if r["fold"] == "0"][:2] + [r for r in rows if r["fold"] == "1"][:2]
+    paths = [synthetic_release / r["class"] / f"{r['name']}.png" for r in chosen]
+    expected = predict_fused(fused, paths)
+    r = _cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    assert info["kind"] == "fusion" and info["path"] == str(tmp_path / "models" / "busi_fused" / "1")
+    assert [f["fold"] for f in info["folds"]] == [0, 1] and info["signatures"] == ["serving_default"]
+    assert json.loads((tmp_path / "models/busi_fused/1/assets.extra/tf_bus.json").read_text())["kind"] == "fusion"
+
+    reader = tf.train.load_checkpoint(str(tmp_path / "models/busi_fused/1/variables/variables"))
+    stored = sum(int(np.prod(s)) for n, s in reader.get_variable_to_shape_map().items() if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert stored == sum(f.unet.count_params() + f.resnet.count_params() for f in load_fused(fused).folds), \
+        "every fold's weights, each stored once"
+
+    images = [p.read_bytes() for p in paths]
+    served = tf.saved_model.load(info["path"]).signatures["serving_default"](images=tf.constant(images))
+    want_desc = [[[f["descriptors"][n] for n in DESCRIPTOR_NAMES] for f in e["folds"]] for e in expected]
+    np.testing.assert_allclose(served["lesion_descriptors"].numpy(), want_desc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["resnet_probabilities"].numpy(), [[f["resnet"] for f in e["folds"]] for e in expected],
+                               atol=1e-6)
+    np.testing.assert_allclose(served["fold_probabilities"].numpy(), [[f["fused"] for f in e["folds"]] for e in expected],
+                               atol=1e-6)
+    want = [[e["probabilities"][c] for c in CLASS_NAMES] for e in expected]
+    np.testing.assert_allclose(served["probabilities"].numpy(), want, atol=1e-6)
+    assert [n.decode() for n in served["class_names"].numpy()] == [e["class"] for e in expected]
+
+    server = serve_on_loopback(tmp_path / "models", ["busi_fused"], tmp_path / "models.config")
+    try:
+        for protocol, port in (("rest", server.rest_port), ("grpc", server.grpc_port)):
+            out = predict_images(images, "busi_fused", server=f"127.0.0.1:{port}", protocol=protocol)
+            np.testing.assert_allclose(out["probabilities"], want, atol=1e-6)
+            assert np.asarray(out["lesion_descriptors"]).shape == (len(images), 2, len(DESCRIPTOR_NAMES))
+    finally:
+        server.stop()
+
+    r = _cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused", "--threshold", "0.5")
+    assert r.returncode == 2 and "leave out --threshold" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "models" / "busi_fused").iterdir()) == ["1"]
 
 
 @pytest.mark.slow

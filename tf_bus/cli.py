@@ -763,8 +763,11 @@ def _add_export(sub) -> None:
                        description="Export RUN_DIR's best model (segmenter or classifier) to "
                                    "MODELS/NAME/VERSION/, the layout tensorflow_model_server watches, with the "
                                    "signatures serving_default (encoded image bytes in) and predict_tensor (float "
-                                   "images in). Written to a temporary folder and renamed; versions are never overwritten.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder")
+                                   "images in). RUN_DIR may also be a `tf-bus fuse` result: one SavedModel with every "
+                                   "fold's U-Net and ResNet, the lesion descriptors and the trees (serving_default "
+                                   "only). Written to a temporary folder and renamed; versions are never overwritten.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder, or a "
+                                                      "tf-bus fuse --out folder")
     p.add_argument("--model-base-path", required=True, metavar="MODELS",
                    help="the folder of models (TF Serving's --model_base_path is MODELS/NAME)")
     p.add_argument("--name", required=True, help="model name: letters, digits, '_', '-', '.'")
@@ -773,13 +776,17 @@ def _add_export(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="segmenter: mask threshold baked into the signature (default: RUN_DIR/threshold.json, "
                         "else the run's)")
+    p.add_argument("--postprocess", choices=("none", "largest"), default=None,
+                   help="segmenter: mask post-processing baked into the signature; largest keeps the largest "
+                        "component, holes filled (default: RUN_DIR/threshold.json's choice, else none)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     from tf_bus.export import export_run
 
-    info = export_run(args.run_dir, args.model_base_path, args.name, args.version, threshold=args.threshold)
+    info = export_run(args.run_dir, args.model_base_path, args.name, args.version, threshold=args.threshold,
+                      postprocess=args.postprocess)
     print(json.dumps(info, indent=2))
     return 0
 

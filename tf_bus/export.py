@@ -1,6 +1,7 @@
 """Export for TensorFlow Serving (stage 8): `tf-bus export`.
 
-A trained run (segmenter or classifier) becomes a SavedModel at
+A trained run (segmenter or classifier), or a `tf-bus fuse` result (the fused classifier:
+``tf_bus.fusion.export_fused``), becomes a SavedModel at
 ``MODELS/NAME/<version>/``, the layout ``tensorflow_model_server --model_base_path``
 watches. The version is the next free integer unless given; it is written to a temporary
 folder beside it and renamed, so a server polling MODELS never sees half a model, and an
@@ -17,14 +18,16 @@ bytes of any size, grey or RGB (in TF Serving's REST API: ``{"b64": "..."}``).
   batch of different sizes is zero-padded bottom/right to the largest; ``image_size``
   int32 ``[None, 2]`` gives each one's height and width), ``mask_png_bytes`` the binary
   mask at the input's size as PNG (0/255; the ``_bytes`` suffix makes TF Serving's REST
-  API return it as ``{"b64": ...}``), ``lesion_area_fraction`` float ``[None]``.
+  API return it as ``{"b64": ...}``), ``lesion_area_fraction`` float ``[None]``. The mask
+  is the probabilities at the threshold, post-processed as evaluation chose (``largest``:
+  the largest 8-connected component, holes filled, in TensorFlow ops).
 
 ``predict_tensor`` — input ``images``: float ``[None, h, w, c]`` at the model's input size,
 pixel values in [0, 255], for clients that decode and resize themselves. Outputs
 ``probabilities`` (classifier) or ``mask_probabilities`` ``[None, h, w]`` (segmenter).
 
-``assets.extra/tf_bus.json`` records the kind, input size, class names, threshold and
-source run; TF Serving ignores it, `tf-bus predict` reads it.
+``assets.extra/tf_bus.json`` records the kind, input size, class names, threshold,
+post-processing and source run; TF Serving ignores it, `tf-bus predict` reads it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import tensorflow as tf
 
 from tf_bus.config import CLASS_NAMES
 from tf_bus.data.busi import TfBusError
+from tf_bus.descriptors import largest_component_tf
 from tf_bus.io import write_json_atomic
 
 SERVING_DEFAULT = "serving_default"
@@ -76,19 +80,27 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _signatures(kind: str, model: keras.Model, threshold: float):
+def decode_resize(images_bytes, channels: int, size: tuple[int, int]):
+    """Encoded images (string ``[N]``) -> (float32 ``[N, h, w, channels]`` in [0, 255],
+    resized as the loaders resize; int32 ``[N, 2]`` each image's own height and width)."""
     from tf_bus.data.pipeline import decode_image, resize_image
 
+    h, w = size
+
+    def one(b):
+        img = decode_image(b, channels)
+        return tf.cast(resize_image(img, channels, (h, w)), tf.float32), tf.shape(img)[:2]
+
+    return tf.map_fn(one, images_bytes, fn_output_signature=(tf.TensorSpec([h, w, channels], tf.float32),
+                                                               tf.TensorSpec([2], tf.int32)))
+
+
+def _signatures(kind: str, model: keras.Model, threshold: float, postprocess: str = "none"):
     _, h, w, c = model.input_shape
     scale = 1.0 if kind == "classifier" else 1.0 / 255.0  # the classifier preprocesses raw pixels itself
 
     def prepare(images_bytes):
-        def one(b):
-            img = decode_image(b, c)
-            return tf.cast(resize_image(img, c, (h, w)), tf.float32), tf.shape(img)[:2]
-
-        return tf.map_fn(one, images_bytes, fn_output_signature=(tf.TensorSpec([h, w, c], tf.float32),
-                                                                   tf.TensorSpec([2], tf.int32)))
+        return decode_resize(images_bytes, c, (h, w))
 
     bytes_spec = [tf.TensorSpec([None], tf.string, name="images")]
     tensor_spec = [tf.TensorSpec([None, h, w, c], tf.float32, name="images")]
@@ -121,7 +133,10 @@ def _signatures(kind: str, model: keras.Model, threshold: float):
         def back(args):
             p, size = args
             full = tf.image.resize(p, size, method="bilinear")  # at the input's own size
-            binary = tf.cast(full >= threshold, tf.uint8)
+            marked = full >= threshold
+            if postprocess == "largest":  # as evaluate-segmenter --postprocess largest
+                marked = largest_component_tf(marked[..., 0])[..., None]
+            binary = tf.cast(marked, tf.uint8)
             png = tf.io.encode_png(binary * 255)
             area = tf.reduce_mean(tf.cast(binary, tf.float32))
             padded = tf.image.pad_to_bounding_box(full, 0, 0, max_h, max_w)[..., 0]
@@ -145,21 +160,32 @@ def export_run(
     version: int | None = None,
     *,
     threshold: float | None = None,
+    postprocess: str | None = None,
 ) -> dict[str, Any]:
     """Exports RUN_DIR's best model to ``model_base_path/name/version`` (see the module
     docstring) and returns what was written. The segmenter's threshold defaults to
-    RUN_DIR/threshold.json (from ``evaluate-segmenter --choose-threshold``), else the run's.
+    RUN_DIR/threshold.json (from ``evaluate-segmenter --choose-threshold``), else the run's;
+    its mask post-processing (``none`` or ``largest``) to threshold.json's, else ``none``.
 
     Raises:
         TfBusError: not a run folder, a bad model name, or ``version`` already exists.
     """
     check_model_name(name)
+    if (Path(run_dir) / "fusion_model.json").is_file():  # a `tf-bus fuse` result
+        if threshold is not None or postprocess is not None:
+            raise TfBusError(f"{run_dir} is a fused classifier: its U-Nets keep their folds' thresholds; leave out "
+                             "--threshold and --postprocess.")
+        from tf_bus.fusion import export_fused
+
+        return export_fused(run_dir, model_base_path, name, version)
     kind, record, model = read_run(run_dir)
+    saved = Path(run_dir) / "threshold.json"
+    choice = json.loads(saved.read_text()) if kind == "segmenter" and saved.exists() else {}
     if kind == "segmenter" and threshold is None:
-        saved = Path(run_dir) / "threshold.json"
-        threshold = float(json.loads(saved.read_text())["threshold"]) if saved.exists() else \
-            float(record["config"].get("threshold", 0.5))
-    return export_model(model, kind, model_base_path, name, version, threshold=threshold,
+        threshold = float(choice.get("threshold", record["config"].get("threshold", 0.5)))
+    if kind == "segmenter" and postprocess is None:
+        postprocess = choice.get("postprocess", "none")
+    return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
                         source_run=str(Path(run_dir).resolve()))
 
 
@@ -171,28 +197,55 @@ def export_model(
     version: int | None = None,
     *,
     threshold: float | None = None,
+    postprocess: str | None = None,
     source_run: str | None = None,
 ) -> dict[str, Any]:
     """Exports an in-memory ``segmenter`` or ``classifier`` model (see ``export_run``)."""
+    from tf_bus.evaluation import POSTPROCESSING
+
     check_model_name(name)
     if kind not in ("segmenter", "classifier"):
         raise TfBusError(f"kind must be segmenter or classifier. Received: {kind!r}")
-    if version is not None and version < 1:
-        raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
+    if postprocess is not None and (kind != "segmenter" or postprocess not in POSTPROCESSING):
+        raise TfBusError(f"--postprocess applies to segmenters and must be one of {', '.join(POSTPROCESSING)}. "
+                         f"Received: {postprocess!r} for a {kind}")
+    postprocess = postprocess or "none"
     if kind == "segmenter" and threshold is None:
         threshold = 0.5
+    model_dir, version = _version_dir(model_base_path, name, version)
+    serve, tensor, bytes_spec, tensor_spec = _signatures(kind, model, threshold if threshold is not None else 0.5,
+                                                         postprocess)
+    archive = keras.export.ExportArchive()
+    # No archive.track(model): add_endpoint tracks the variables the endpoints use, and
+    # track() would store every weight a second time (keras-team/keras#23553: twice the
+    # SavedModel's size and twice the variable memory in TF Serving).
+    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=bytes_spec)
+    archive.add_endpoint(PREDICT_TENSOR, tensor, input_signature=tensor_spec)
+    _, h, w, c = model.input_shape
+    meta = {"kind": kind, "model_name": name, "version": version, "input_size": [h, w], "channels": c,
+            "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
+            "threshold": threshold if kind == "segmenter" else None,
+            "postprocess": postprocess if kind == "segmenter" else None,
+            "source_run": source_run, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
+    return write_version(archive, model_dir, version, meta)
+
+
+def _version_dir(model_base_path, name: str, version: int | None) -> tuple[Path, int]:
+    if version is not None and version < 1:
+        raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
     model_dir = Path(model_base_path).expanduser().resolve() / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_dir)
+    if (model_dir / str(version)).exists():
+        raise TfBusError(f"{model_dir / str(version)}: version {version} exists already; versions are never "
+                         "overwritten. Leave out --version to take the next free one.")
+    return model_dir, version
+
+
+def write_version(archive, model_dir: Path, version: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``archive`` (a ``keras.export.ExportArchive``) and ``assets.extra/tf_bus.json``
+    to a temporary folder beside ``model_dir/version`` and renames it there."""
     final = model_dir / str(version)
-    if final.exists():
-        raise TfBusError(f"{final}: version {version} exists already; versions are never overwritten. "
-                         "Leave out --version to take the next free one.")
-    serve, tensor, bytes_spec, tensor_spec = _signatures(kind, model, threshold if threshold is not None else 0.5)
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=bytes_spec)
-    archive.add_endpoint(PREDICT_TENSOR, tensor, input_signature=tensor_spec)
     tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"  # not numeric: TF Serving ignores it
     try:
         tf_log = tf.get_logger()
@@ -202,11 +255,6 @@ def export_model(
             archive.write_out(str(tmp), verbose=False)
         finally:
             tf_log.setLevel(level)
-        _, h, w, c = model.input_shape
-        meta = {"kind": kind, "model_name": name, "version": version, "input_size": [h, w], "channels": c,
-                "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
-                "threshold": threshold if kind == "segmenter" else None,
-                "source_run": source_run, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
         write_json_atomic(tmp / "assets.extra" / "tf_bus.json", meta)
         os.rename(tmp, final)
     finally:

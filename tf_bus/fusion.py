@@ -114,6 +114,39 @@ class BoostedTrees:
         e = np.exp(raw - raw.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
+    def tf_predict_proba(self, x):
+        """``predict_proba`` as TensorFlow ops (for a SavedModel): every tree walked at once
+        by gathers, one step per level. ``x``: float64 (N, features)."""
+        import tensorflow as tf
+
+        trees = [tree for stage in self.trees for tree in stage]  # stage-major, then class
+        nodes = max(len(t["feature"]) for t in trees)
+
+        def table(key, fill, dtype):
+            return tf.constant([t[key] + [fill] * (nodes - len(t[key])) for t in trees], dtype)
+
+        left, right = table("left", -1, tf.int32), table("right", -1, tf.int32)
+        feature = tf.maximum(table("feature", 0, tf.int32), 0)  # leaves (-2) never read x
+        threshold, value = table("threshold", 0.0, tf.float64), table("value", 0.0, tf.float64)
+
+        def depth(tree, node=0):
+            return 0 if tree["left"][node] < 0 else 1 + max(depth(tree, tree["left"][node]),
+                                                            depth(tree, tree["right"][node]))
+
+        x = tf.cast(x, tf.float64)
+        node = tf.zeros([tf.shape(x)[0], len(trees)], tf.int32)  # (N, trees)
+        for _ in range(max(depth(t) for t in trees)):
+            at = tf.transpose(node)  # (trees, N)
+            go_left = tf.gather(x, tf.transpose(tf.gather(feature, at, batch_dims=1)), batch_dims=1) <= \
+                tf.transpose(tf.gather(threshold, at, batch_dims=1))
+            l, r = tf.transpose(tf.gather(left, at, batch_dims=1)), tf.transpose(tf.gather(right, at, batch_dims=1))
+            node = tf.where(l >= 0, tf.where(go_left, l, r), node)
+        leaves = tf.transpose(tf.gather(value, tf.transpose(node), batch_dims=1))  # (N, trees)
+        classes = len(self.class_names)
+        raw = tf.constant(self.baseline, tf.float64) + self.learning_rate * tf.reduce_sum(
+            tf.reshape(leaves, [-1, len(self.trees), classes]), axis=1)
+        return tf.nn.softmax(raw, axis=-1)
+
     def importances(self) -> dict[str, float]:
         """How often each feature splits a node, as a share of all splits."""
         counts = np.zeros(len(self.feature_names))
@@ -330,24 +363,42 @@ def _fold_probabilities(model, contents: list, channels: int, image_size, scale:
     return outputs
 
 
-def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Classifies image files with a `tf-bus fuse` result: for each fold k, U-Net k's mask
-    (its threshold, the CV's TTA) is described, ResNet k's probabilities are taken, and
-    ``fusion_model.json``'s trees give fused probabilities; the folds' fused probabilities
-    are averaged. Each fold's inputs look like the held-out outputs the trees were fitted
-    on, which an average of the folds' outputs would not.
+@dataclass
+class FoldModels:
+    """Fold k of a fusion: its U-Net (inputs, threshold) and its ResNet."""
 
-    Returns:
-        Per image: ``image``, ``class``, ``probabilities`` (by class name) and ``folds``
-        (each fold's ResNet probabilities, descriptors and fused probabilities).
+    fold: int
+    threshold: float
+    unet: Any
+    unet_channels: int
+    unet_size: tuple[int, int]
+    resnet: Any
+    resnet_channels: int
+    resnet_size: tuple[int, int]
+
+
+@dataclass
+class FusedModels:
+    """What a `tf-bus fuse` result needs to classify new images: the trees, the folds'
+    models and the cross-validations' TTA settings (``load_fused``)."""
+
+    trees: BoostedTrees
+    folds: list[FoldModels]
+    segmenter_tta: bool
+    classifier_tta: bool
+    source: str
+
+
+def load_fused(fused_dir) -> FusedModels:
+    """Reads a `tf-bus fuse` result and loads its cross-validations' fold models.
+
+    Raises:
+        TfBusError: not a fuse result, or the cross-validations it was fused from moved.
     """
     import keras
-    import tensorflow as tf
-    from PIL import Image
 
     import tf_bus.models  # noqa: F401  (registers the custom objects the .keras files name)
     from tf_bus.config import ClassifierConfig
-    from tf_bus.data.pipeline import decode_image
     from tf_bus.training.segmentation import load_best_model, load_run_config
 
     fused_dir = Path(fused_dir).expanduser().resolve()
@@ -362,9 +413,39 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
         raise TfBusError(f"{file}: not written by `tf-bus fuse` (no fusion settings).") from None
     for cv in (seg_dir, clf_dir):
         if not (cv / "cross_validation.json").is_file():
-            raise TfBusError(f"{cv}: the cross-validation {file} was fused from is gone; fuse-predict needs its "
-                             "fold models. Run `tf-bus fuse` again on where the cross-validations are now.")
+            raise TfBusError(f"{cv}: the cross-validation {file} was fused from is gone; the fused classifier needs "
+                             "its fold models. Run `tf-bus fuse` again on where the cross-validations are now.")
     trees = BoostedTrees.load(fused_dir / "fusion_model.json")
+    folds = []
+    for fold, threshold in sorted(thresholds.items()):
+        seg_run, clf_run = seg_dir / f"fold_{fold}", clf_dir / f"fold_{fold}"
+        seg_cfg, _ = load_run_config(seg_run)
+        clf_cfg = ClassifierConfig.from_dict(json.loads((clf_run / "config.json").read_text())["config"])
+        weights = clf_run / "best.keras" if (clf_run / "best.keras").exists() else clf_run / "last.keras"
+        folds.append(FoldModels(fold, threshold, load_best_model(seg_run, compile=False), seg_cfg.channels, tuple(seg_cfg.image_size),
+                                keras.saving.load_model(weights, compile=False), clf_cfg.channels, tuple(clf_cfg.image_size)))
+    seg_tta = json.loads((seg_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
+    clf_tta = json.loads((clf_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
+    return FusedModels(trees, folds, bool(seg_tta), bool(clf_tta), str(fused_dir))
+
+
+def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Classifies image files with a `tf-bus fuse` result: for each fold k, U-Net k's mask
+    (its threshold, the CV's TTA) is described, ResNet k's probabilities are taken, and
+    ``fusion_model.json``'s trees give fused probabilities; the folds' fused probabilities
+    are averaged. Each fold's inputs look like the held-out outputs the trees were fitted
+    on, which an average of the folds' outputs would not.
+
+    Returns:
+        Per image: ``image``, ``class``, ``probabilities`` (by class name) and ``folds``
+        (each fold's ResNet probabilities, descriptors and fused probabilities).
+    """
+    import tensorflow as tf
+    from PIL import Image
+
+    from tf_bus.data.pipeline import decode_image
+
+    fused = load_fused(fused_dir)
     contents, grey = [], []
     for path in images:
         path = Path(path).expanduser()
@@ -378,30 +459,102 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
         except (tf.errors.OpError, OSError) as e:
             raise TfBusError(f"{path}: cannot be read as an image ({type(e).__name__}); pass PNG, JPEG or BMP "
                              "files.") from None
-    seg_tta = json.loads((seg_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
-    clf_tta = json.loads((clf_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     per_fold: list[list[dict[str, Any]]] = [[] for _ in images]
-    for fold, threshold in sorted(thresholds.items()):
-        seg_run, clf_run = seg_dir / f"fold_{fold}", clf_dir / f"fold_{fold}"
-        seg_cfg, _ = load_run_config(seg_run)
-        masks = _fold_probabilities(load_best_model(seg_run), contents, seg_cfg.channels, seg_cfg.image_size, "unit",
-                                    seg_tta, np.float32)
-        clf_cfg = ClassifierConfig.from_dict(json.loads((clf_run / "config.json").read_text())["config"])
-        weights = clf_run / "best.keras" if (clf_run / "best.keras").exists() else clf_run / "last.keras"
-        resnet = _fold_probabilities(keras.saving.load_model(weights), contents, clf_cfg.channels, clf_cfg.image_size,
-                                     "raw", clf_tta, np.float64)
+    for f in fused.folds:
+        masks = _fold_probabilities(f.unet, contents, f.unet_channels, f.unet_size, "unit", fused.segmenter_tta,
+                                    np.float32)
+        resnet = _fold_probabilities(f.resnet, contents, f.resnet_channels, f.resnet_size, "raw",
+                                     fused.classifier_tta, np.float64)
         for i, (prob_map, probs, image) in enumerate(zip(masks, resnet, grey)):
             full = tf.image.resize(prob_map, image.shape, method="bilinear").numpy()[..., 0]
-            desc = lesion_descriptors(image, full, threshold)
-            fused = trees.predict_proba(features(probs[None], desc[None]))[0]
-            per_fold[i].append({"fold": fold, "resnet": probs.tolist(), "descriptors": dict(zip(DESCRIPTOR_NAMES,
-                                desc.tolist())), "fused": fused.tolist()})
+            desc = lesion_descriptors(image, full, f.threshold)
+            out = fused.trees.predict_proba(features(probs[None], desc[None]))[0]
+            per_fold[i].append({"fold": f.fold, "resnet": probs.tolist(), "descriptors": dict(zip(DESCRIPTOR_NAMES,
+                                desc.tolist())), "fused": out.tolist()})
     out = []
     for path, folds in zip(images, per_fold):
         mean = np.mean([f["fused"] for f in folds], axis=0)
         out.append({"image": str(path), "class": CLASS_NAMES[int(np.argmax(mean))],
                     "probabilities": dict(zip(CLASS_NAMES, mean.tolist())), "folds": folds})
     return out
+
+
+def _grey(contents):
+    """Encoded image -> float64 (H, W) grey levels in [0, 1], as PIL's ``convert("L")``
+    computes them (ITU-R 601 luma in 16-bit fixed point), which `fuse` measured on."""
+    import tensorflow as tf
+
+    rgb = tf.cast(tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False), tf.int32)
+    luma = tf.bitwise.right_shift(rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 32768, 16)
+    return tf.cast(luma, tf.float64) / 255.0
+
+
+def fused_serving_function(fused: FusedModels):
+    """The exported fusion's ``serving_default``: encoded images (string ``[N]``) -> the
+    averaged fused ``probabilities``, ``class_ids``, ``class_names``, and per fold
+    ``fold_probabilities``, ``resnet_probabilities`` and ``lesion_descriptors``: what
+    ``predict_fused`` computes, as TensorFlow ops."""
+    import tensorflow as tf
+
+    from tf_bus.descriptors import lesion_descriptors_tf
+    from tf_bus.export import decode_resize
+
+    names = tf.constant(list(CLASS_NAMES))
+    k, d = len(fused.folds), len(DESCRIPTOR_NAMES)
+
+    def outputs(model, x, tta, dtype):
+        out = tf.cast(model(x, training=False), dtype)
+        if tta:  # mirrored inputs, their masks mirrored back (as _fold_probabilities)
+            flipped = tf.cast(model(tf.reverse(x, [2]), training=False), dtype)
+            out = (out + (tf.reverse(flipped, [2]) if len(out.shape) == 4 else flipped)) / 2.0
+        return out
+
+    def serve(images):
+        maps, resnet = [], []
+        for f in fused.folds:
+            x, _ = decode_resize(images, f.unet_channels, f.unet_size)
+            maps.append(outputs(f.unet, x / 255.0, fused.segmenter_tta, tf.float32))
+            x, _ = decode_resize(images, f.resnet_channels, f.resnet_size)
+            resnet.append(outputs(f.resnet, x, fused.classifier_tta, tf.float64))
+
+        def describe(args):
+            grey = _grey(args[0])
+            return tf.stack([lesion_descriptors_tf(grey, tf.image.resize(m, tf.shape(grey), method="bilinear")[..., 0],
+                                                   f.threshold) for m, f in zip(args[1:], fused.folds)])
+
+        desc = tf.map_fn(describe, (images, *maps), fn_output_signature=tf.TensorSpec([k, d], tf.float64))
+        resnet = tf.stack(resnet, axis=1)  # (N, folds, classes)
+        x = tf.concat([tf.math.log(tf.clip_by_value(resnet, 1e-6, 1.0)), desc], axis=-1)
+        per_fold = tf.reshape(fused.trees.tf_predict_proba(tf.reshape(x, [-1, x.shape[-1]])), [-1, k, len(CLASS_NAMES)])
+        probabilities = tf.reduce_mean(per_fold, axis=1)
+        ids = tf.argmax(probabilities, axis=-1)
+        return {"probabilities": tf.cast(probabilities, tf.float32), "class_ids": ids,
+                "class_names": tf.gather(names, ids), "fold_probabilities": tf.cast(per_fold, tf.float32),
+                "resnet_probabilities": tf.cast(resnet, tf.float32), "lesion_descriptors": tf.cast(desc, tf.float32)}
+
+    return serve
+
+
+def export_fused(fused_dir, model_base_path, name: str, version: int | None = None) -> dict[str, Any]:
+    """Exports a `tf-bus fuse` result as one SavedModel at ``model_base_path/name/version``:
+    every fold's U-Net and ResNet, the lesion descriptors and the trees, behind a
+    ``serving_default`` that takes encoded image bytes (``fused_serving_function``)."""
+    import keras
+    import tensorflow as tf
+
+    from tf_bus.export import SERVING_DEFAULT, _version_dir, check_model_name, write_version
+
+    check_model_name(name)
+    fused = load_fused(fused_dir)
+    model_dir, version = _version_dir(model_base_path, name, version)
+    archive = keras.export.ExportArchive()  # no track(): see tf_bus.export.export_model
+    archive.add_endpoint(SERVING_DEFAULT, fused_serving_function(fused),
+                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    meta = {"kind": "fusion", "model_name": name, "version": version, "class_names": list(CLASS_NAMES),
+            "folds": [{"fold": f.fold, "threshold": f.threshold, "segmenter_input": [*f.unet_size, f.unet_channels],
+                       "classifier_input": [*f.resnet_size, f.resnet_channels]} for f in fused.folds],
+            "descriptors": list(DESCRIPTOR_NAMES), "source_run": fused.source, "signatures": [SERVING_DEFAULT]}
+    return write_version(archive, model_dir, version, meta)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

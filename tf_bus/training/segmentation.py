@@ -237,10 +237,10 @@ def load_run_config(run_dir: str | os.PathLike) -> tuple[SegmenterConfig, dict[s
     return SegmenterConfig.from_dict(record["config"]), record
 
 
-def load_best_model(run_dir: str | os.PathLike) -> keras.Model:
+def load_best_model(run_dir: str | os.PathLike, compile: bool = True) -> keras.Model:
     p = Path(run_dir) / "best.keras"
     if not p.exists():
         p = Path(run_dir) / "last.keras"
     if not p.exists():
         raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first (tf-bus train-segmenter).")
-    return keras.saving.load_model(p)
+    return keras.saving.load_model(p, compile=compile)
