@@ -113,10 +113,10 @@ def _noisy(seed, shape=(60, 80)):
 
 
 @pytest.mark.parametrize("mask", [
-    _noisy(0), _noisy(1, (33, 97)), _noisy(2, (97, 33)),
+    _noisy(0), _noisy(1, (33, 97)), _noisy(2, (97, 33)), _noisy(3, (240, 280)),  # the last: a labyrinth
     _mask(["#.#.#", ".....", "#.#.#"]),  # five single pixels tie: the first wins
     _mask(["#####", "#...#", "#.#.#", "#...#", "#####"]),  # a ring around an island: all filled
-], ids=["noise0", "noise1", "noise2", "ties", "island"])
+], ids=["noise0", "noise1", "noise2", "labyrinth", "ties", "island"])
 def test_tensorflow_largest_component_equals_scipys(mask):
     from tf_bus.descriptors import largest_component_tf
 

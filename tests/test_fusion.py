@@ -111,6 +111,8 @@ def _framed():  # touches three image borders; its holes: one inside, one open t
 
 TF_CASES = [(mask, 0.5) for mask, _, _ in SHAPES] + [
     (_tied(), 0.5), (np.zeros((20, 30)), 0.5), (np.ones((20, 30)), 0.5), (_framed(), 0.5),
+    (np.pad(np.ones((1, 1)), ((7, 12), (3, 9))), 0.5),  # one pixel
+    (np.pad(np.ones((1, 9)), ((4, 5), (2, 3))), 0.5), (np.pad(np.ones((9, 1)), ((4, 5), (2, 3))), 0.5),  # lines
     (_blobs(0), 0.5), (_blobs(1), 0.7), (_blobs(2, (41, 128), 1.5), 0.4), (_blobs(3, (128, 41), 4.0), 0.6),
 ]
 

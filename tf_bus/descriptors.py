@@ -125,11 +125,32 @@ def lesion_descriptors(image: np.ndarray, probabilities: np.ndarray, threshold: 
 # arithmetic. Tested equal to ``lesion_descriptors`` to 1e-12.
 
 
+def _tf_runs(mask):
+    """Run numbers of a boolean (H, W) mask, flat and non-decreasing in raster order: a run
+    is an unbroken stretch of marked pixels along a row. Unmarked pixels carry the number of
+    the run before them (their label never lowers its minimum)."""
+    import tensorflow as tf
+
+    starts = mask & ~tf.pad(mask[:, :-1], [[0, 0], [1, 0]])
+    return tf.cumsum(tf.cast(tf.reshape(starts, [-1]), tf.int32))
+
+
+def _tf_run_min(labels, mask, runs, big):
+    """Every marked pixel gets the smallest label of its run: one segmented minimum, however
+    long the runs."""
+    import tensorflow as tf
+
+    smallest = tf.math.segment_min(tf.reshape(labels, [-1]), runs)
+    return tf.where(mask, tf.reshape(tf.gather(smallest, runs), tf.shape(labels)), big)
+
+
 def _tf_components(mask, connectivity: int = 4):
     """(labels, count) of a boolean (H, W) mask: each marked pixel's label is the flat index
     of its component's first pixel (raster order); unmarked pixels get H*W. Components are
-    4- or 8-connected. Minimum propagation with pointer jumping: every step takes the
-    smallest label of the neighbourhood, then each label's own label."""
+    4- or 8-connected. Minimum propagation: each step gives every pixel the smallest label
+    of its row run, then of its column run (so a straight stretch of any length costs one
+    step), then (8-connected) of its diagonal neighbours, then each label its own label
+    (pointer jumping). A labyrinth of 480 x 560 pixels converges in tens of steps."""
     import tensorflow as tf
 
     if connectivity not in (4, 8):
@@ -137,13 +158,16 @@ def _tf_components(mask, connectivity: int = 4):
     h, w = tf.shape(mask)[0], tf.shape(mask)[1]
     big = h * w
     index = tf.reshape(tf.range(big), [h, w])
+    mask_t = tf.transpose(mask)
+    rows, cols = _tf_runs(mask), _tf_runs(mask_t)
 
     def step(labels, _):
-        p = tf.pad(labels, [[1, 1], [1, 1]], constant_values=big)
-        neighbours = [p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]
+        m = _tf_run_min(labels, mask, rows, big)
+        m = tf.transpose(_tf_run_min(tf.transpose(m), mask_t, cols, big))
         if connectivity == 8:
-            neighbours += [p[:-2, :-2], p[:-2, 2:], p[2:, :-2], p[2:, 2:]]
-        m = tf.where(mask, tf.reduce_min(tf.stack([labels, *neighbours]), axis=0), big)
+            p = tf.pad(m, [[1, 1], [1, 1]], constant_values=big)
+            diagonal = tf.minimum(tf.minimum(p[:-2, :-2], p[:-2, 2:]), tf.minimum(p[2:, :-2], p[2:, 2:]))
+            m = tf.where(mask, tf.minimum(m, diagonal), big)
         flat = tf.reshape(m, [-1])
         jumped = tf.reshape(tf.gather(tf.concat([flat, [big]], 0), flat), tf.shape(labels))  # a label's own label
         jumped.set_shape(labels.shape)

@@ -422,8 +422,9 @@ def load_fused(fused_dir) -> FusedModels:
         seg_cfg, _ = load_run_config(seg_run)
         clf_cfg = ClassifierConfig.from_dict(json.loads((clf_run / "config.json").read_text())["config"])
         weights = clf_run / "best.keras" if (clf_run / "best.keras").exists() else clf_run / "last.keras"
-        folds.append(FoldModels(fold, threshold, load_best_model(seg_run, compile=False), seg_cfg.channels, tuple(seg_cfg.image_size),
-                                keras.saving.load_model(weights, compile=False), clf_cfg.channels, tuple(clf_cfg.image_size)))
+        folds.append(FoldModels(fold, threshold, load_best_model(seg_run, compile=False), seg_cfg.channels,
+                                tuple(seg_cfg.image_size), keras.saving.load_model(weights, compile=False),
+                                clf_cfg.channels, tuple(clf_cfg.image_size)))
     seg_tta = json.loads((seg_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     clf_tta = json.loads((clf_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     return FusedModels(trees, folds, bool(seg_tta), bool(clf_tta), str(fused_dir))
@@ -445,7 +446,6 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
 
     from tf_bus.data.pipeline import decode_image
 
-    fused = load_fused(fused_dir)
     contents, grey = [], []
     for path in images:
         path = Path(path).expanduser()
@@ -459,6 +459,7 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
         except (tf.errors.OpError, OSError) as e:
             raise TfBusError(f"{path}: cannot be read as an image ({type(e).__name__}); pass PNG, JPEG or BMP "
                              "files.") from None
+    fused = load_fused(fused_dir)  # after the images: a bad file is named without loading ten models first
     per_fold: list[list[dict[str, Any]]] = [[] for _ in images]
     for f in fused.folds:
         masks = _fold_probabilities(f.unet, contents, f.unet_channels, f.unet_size, "unit", fused.segmenter_tta,
