@@ -212,7 +212,7 @@ def export_model(
     postprocess = postprocess or "none"
     if kind == "segmenter" and threshold is None:
         threshold = 0.5
-    model_dir, version = _version_dir(model_base_path, name, version)
+    model_dir, version = version_dir(model_base_path, name, version)
     serve, tensor, bytes_spec, tensor_spec = _signatures(kind, model, threshold if threshold is not None else 0.5,
                                                          postprocess)
     archive = keras.export.ExportArchive()
@@ -230,7 +230,9 @@ def export_model(
     return write_version(archive, model_dir, version, meta)
 
 
-def _version_dir(model_base_path, name: str, version: int | None) -> tuple[Path, int]:
+def version_dir(model_base_path, name: str, version: int | None) -> tuple[Path, int]:
+    """(``model_base_path/name``, created; the version to write: ``version``, else the next
+    free one). Refuses a version that exists: versions are never overwritten."""
     if version is not None and version < 1:
         raise TfBusError(f"--version must be a positive integer (TF Serving's version folders). Received: {version}")
     model_dir = Path(model_base_path).expanduser().resolve() / name

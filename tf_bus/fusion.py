@@ -511,12 +511,17 @@ def fused_serving_function(fused: FusedModels):
         return out
 
     def serve(images):
+        decoded = {}  # (channels, size) -> the batch decoded and resized once for every fold that takes it
+
+        def inputs(channels, size):
+            if (channels, size) not in decoded:
+                decoded[channels, size] = decode_resize(images, channels, size)[0]
+            return decoded[channels, size]
+
         maps, resnet = [], []
         for f in fused.folds:
-            x, _ = decode_resize(images, f.unet_channels, f.unet_size)
-            maps.append(outputs(f.unet, x / 255.0, fused.segmenter_tta, tf.float32))
-            x, _ = decode_resize(images, f.resnet_channels, f.resnet_size)
-            resnet.append(outputs(f.resnet, x, fused.classifier_tta, tf.float64))
+            maps.append(outputs(f.unet, inputs(f.unet_channels, f.unet_size) / 255.0, fused.segmenter_tta, tf.float32))
+            resnet.append(outputs(f.resnet, inputs(f.resnet_channels, f.resnet_size), fused.classifier_tta, tf.float64))
 
         def describe(args):
             grey = _grey(args[0])
@@ -543,11 +548,11 @@ def export_fused(fused_dir, model_base_path, name: str, version: int | None = No
     import keras
     import tensorflow as tf
 
-    from tf_bus.export import SERVING_DEFAULT, _version_dir, check_model_name, write_version
+    from tf_bus.export import SERVING_DEFAULT, check_model_name, version_dir, write_version
 
     check_model_name(name)
     fused = load_fused(fused_dir)
-    model_dir, version = _version_dir(model_base_path, name, version)
+    model_dir, version = version_dir(model_base_path, name, version)
     archive = keras.export.ExportArchive()  # no track(): see tf_bus.export.export_model
     archive.add_endpoint(SERVING_DEFAULT, fused_serving_function(fused),
                          input_signature=[tf.TensorSpec([None], tf.string, name="images")])
