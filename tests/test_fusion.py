@@ -74,6 +74,45 @@ def test_echo_descriptors(below, posterior):
     assert d["posterior"] == pytest.approx(posterior)
 
 
+def _surround(left, right, inside=0.2):
+    """A disc lesion at (100, 100) of grey ``inside``; the rest ``left`` left of the centroid's
+    column and ``right`` from it on (octants with dx >= 0 are the right-hand ones)."""
+    image = np.where(XX < 100, left, right).astype(float)
+    image[_disc(100, 100, 30) > 0] = inside
+    return image
+
+
+def _blurred_disc():
+    from scipy import ndimage
+
+    return ndimage.uniform_filter(_surround(0.6, 0.6), 15)
+
+
+MARGINS = [  # image, probabilities, and what the margin descriptors must say
+    ("sharp", _surround(0.6, 0.6), _disc(100, 100, 30),
+     dict(margin_contrast=0.4, margin_variation=0.0, around_variation=0.0, margin_fuzziness=0.0),
+     dict(margin_sharpness=(0.05, 0.2), radius_variation=(0.0, 0.05))),
+    ("blurred", _blurred_disc(), _disc(100, 100, 30), dict(margin_fuzziness=0.0),
+     dict(margin_sharpness=(0.005, 0.03), margin_contrast=(0.1, 0.3))),
+    # indistinct on the right: no contrast there, 0.4 on the left -> 0.2 over the octants
+    ("half indistinct", _surround(0.6, 0.2), _disc(100, 100, 30), dict(margin_variation=0.2, around_variation=0.2),
+     dict(margin_contrast=(0.19, 0.21))),
+    # 0.75 inside, 0.25 in the ring: 4 p (1 - p) = 0.75 on both sides of the outline
+    ("unsure U-Net", _surround(0.6, 0.6), 0.5 + 0.5 * _disc(100, 100, 30) - 0.25 * _disc(100, 100, 45),
+     dict(margin_fuzziness=0.75), {}),
+    ("elongated", _surround(0.6, 0.6), _rect(90, 40, 20, 120), {}, dict(radius_variation=(0.3, 0.8))),
+]
+
+
+@pytest.mark.parametrize("image,prob,exact,ranges", [m[1:] for m in MARGINS], ids=[m[0] for m in MARGINS])
+def test_margin_descriptors(image, prob, exact, ranges):
+    d = _d(image, prob, 0.7)
+    for name, value in exact.items():
+        assert d[name] == pytest.approx(value, abs=1e-9), name
+    for name, (lo, hi) in ranges.items():
+        assert lo <= d[name] <= hi, (name, d[name])
+
+
 def test_empty_and_several_components():
     prob = np.full((H, W), 0.1)
     prob[0, 0] = 0.4
@@ -117,14 +156,16 @@ TF_CASES = [(mask, 0.5) for mask, _, _ in SHAPES] + [
 ]
 
 
-@pytest.mark.parametrize("prob,threshold", TF_CASES)
-def test_tensorflow_descriptors_equal_numpys(prob, threshold):
+@pytest.mark.parametrize("image,prob,threshold",
+                         [(None, prob, t) for prob, t in TF_CASES] + [(m[1], m[2], 0.7) for m in MARGINS])
+def test_tensorflow_descriptors_equal_numpys(image, prob, threshold):
     """What an exported fusion measures while serving is what `fuse` measured."""
     import tensorflow as tf
 
     from tf_bus.descriptors import lesion_descriptors_tf
 
-    image = np.random.default_rng(prob.size).random(prob.shape)
+    if image is None:
+        image = np.random.default_rng(prob.size).random(prob.shape)
     expected = lesion_descriptors(image, prob, threshold)
     got = tf.function(lesion_descriptors_tf)(tf.constant(image), tf.constant(prob), tf.constant(threshold, tf.float64))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -288,6 +329,23 @@ def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthe
         mean = np.mean([f["fused"] for f in out["folds"]], axis=0)
         np.testing.assert_allclose([out["probabilities"][c] for c in CLASS_NAMES], mean, atol=1e-12)
         assert out["class"] == CLASS_NAMES[int(np.argmax(mean))]
+    # A fusion fitted before the margin descriptors existed (3 + 15 features) takes its own columns.
+    older = tmp_path / "older"
+    shutil.copytree(fused, older)
+    x = features([[float(r[f"p_{c}"]) for c in CLASS_NAMES] for r in rows],
+                 [[float(r[n]) for n in DESCRIPTOR_NAMES] for r in rows])[:, :18]
+    old_trees = BoostedTrees.fit(x, np.array([int(r["label"]) for r in rows]), feature_names=FEATURE_NAMES[:18],
+                                 class_names=list(CLASS_NAMES), trees=5)
+    old_trees.save(older / "fusion_model.json")
+    [out] = predict_fused(older, paths[:1])
+    for f in out["folds"]:
+        x = features([f["resnet"]], [[f["descriptors"][n] for n in DESCRIPTOR_NAMES]])[:, :18]
+        np.testing.assert_allclose(f["fused"], old_trees.predict_proba(x)[0], atol=1e-12)
+    unknown = BoostedTrees.fit(x.repeat(3, 0), np.arange(3), feature_names=[*FEATURE_NAMES[:17], "spiculation"],
+                               class_names=list(CLASS_NAMES), trees=2)
+    unknown.save(older / "fusion_model.json")
+    with pytest.raises(TfBusError, match="takes spiculation, which this tf-bus does not measure"):
+        predict_fused(older, paths[:1])
     r = _cli("fuse-predict", fused, paths[0])
     assert r.returncode == 0, r.stderr[-3000:]
     [line] = r.stdout.splitlines()

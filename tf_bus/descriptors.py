@@ -34,12 +34,26 @@ DESCRIPTORS: dict[str, str] = {
     "mask_fraction": "thresholded pixels / image pixels (every component)",
     "max_probability": "highest lesion probability in the image",
     "top_probability": "mean of the highest 0.2% of the lesion probabilities",
+    # The margin (BI-RADS: circumscribed, or indistinct / angular / microlobulated / spiculated),
+    # read off the image across the U-Net's outline rather than off the outline itself, which
+    # the U-Net draws smoother than the annotators did (README, "Where the rest of the gap lies").
+    "margin_contrast": "mean grey level of the ring around the lesion - of the band just inside it (both 2% of "
+                       "the image height wide)",
+    "margin_variation": "standard deviation of that contrast over the eight octants around the lesion's centroid "
+                        "(a partly indistinct margin varies)",
+    "around_variation": "standard deviation of the ring's mean grey level over the eight octants",
+    "margin_sharpness": "mean grey-level gradient on the outline, of the image smoothed by a box 1% of the image "
+                        "height wide (grey levels per pixel, 0..1 scale)",
+    "margin_fuzziness": "mean of 4 p (1 - p) over the ring and the inner band: how unsure the U-Net is where the "
+                        "margin lies",
+    "radius_variation": "coefficient of variation of the outline's distance from the centroid",
 }
 DESCRIPTOR_NAMES: tuple[str, ...] = tuple(DESCRIPTORS)
 
 RING = 0.02  # of the image height
 BELOW = 0.08
 TOP_SHARE = 0.002
+SMOOTH = 0.005  # box radius for margin_sharpness, of the image height
 
 
 def _convex_hull_area(rows: np.ndarray, cols: np.ndarray) -> float:
@@ -58,6 +72,65 @@ def _perimeter(mask: np.ndarray) -> float:
     padded = np.pad(mask, 1).astype(np.int8)
     edges = np.abs(np.diff(padded, axis=0)).sum() + np.abs(np.diff(padded, axis=1)).sum()
     return float(edges) * np.pi / 4
+
+
+def _box_mean(grey: np.ndarray, radius: int) -> np.ndarray:
+    """Mean of integer grey levels over the (2 radius + 1)^2 window around each pixel, the
+    window clipped to the image; window sums from an integer integral image (exact)."""
+    h, w = grey.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = grey.astype(np.int64).cumsum(0).cumsum(1)
+    lo_r, hi_r = np.clip(np.arange(h) - radius, 0, h), np.clip(np.arange(h) + radius + 1, 0, h)
+    lo_c, hi_c = np.clip(np.arange(w) - radius, 0, w), np.clip(np.arange(w) + radius + 1, 0, w)
+    sums = (integral[hi_r][:, hi_c] - integral[lo_r][:, hi_c]) - (integral[hi_r][:, lo_c] - integral[lo_r][:, lo_c])
+    return sums / np.outer(hi_r - lo_r, hi_c - lo_c)
+
+
+def _octant(rows: np.ndarray, cols: np.ndarray, n: int, row_sum: int, col_sum: int) -> np.ndarray:
+    """0..7: the 45-degree sector around the centroid (row_sum / n, col_sum / n) of each
+    pixel, in integer arithmetic (no angle is computed, so no rounding can move a pixel)."""
+    dy = rows.astype(np.int64) * n - row_sum
+    dx = cols.astype(np.int64) * n - col_sum
+    return (dy >= 0) * 4 + (dx >= 0) * 2 + (np.abs(dy) > np.abs(dx))
+
+
+def _margin_descriptors(image, prob, lesion, ring, ring_width) -> dict[str, float]:
+    """The margin descriptors (``DESCRIPTORS``, from ``margin_contrast`` on) of a non-empty lesion."""
+    from scipy import ndimage
+
+    h = lesion.shape[0]
+    inner = lesion & ndimage.binary_dilation(~lesion, np.ones((3, 3), bool), iterations=ring_width)
+    band = ring | inner
+    rows, cols = np.nonzero(lesion)
+    n, row_sum, col_sum = rows.size, int(rows.sum()), int(cols.sum())
+    ring_r, ring_c = np.nonzero(ring)
+    in_r, in_c = np.nonzero(inner)
+    ring_o, in_o = _octant(ring_r, ring_c, n, row_sum, col_sum), _octant(in_r, in_c, n, row_sum, col_sum)
+    ring_v, in_v = image[ring_r, ring_c], image[in_r, in_c]
+    around = [ring_v[ring_o == o].mean() for o in range(8) if (ring_o == o).any()]
+    contrasts = [ring_v[ring_o == o].mean() - in_v[in_o == o].mean() for o in range(8)
+                 if (ring_o == o).any() and (in_o == o).any()]
+    # Outline: lesion pixels with a 4-neighbour outside it (the image border does not count).
+    p = np.pad(lesion, 1, constant_values=True)
+    edge = lesion & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
+    smooth = _box_mean(np.round(image * 255), max(1, int(round(SMOOTH * h))))
+    hh, ww = smooth.shape
+    down, up = np.minimum(np.arange(hh) + 1, hh - 1), np.maximum(np.arange(hh) - 1, 0)
+    right, left = np.minimum(np.arange(ww) + 1, ww - 1), np.maximum(np.arange(ww) - 1, 0)
+    gy = (smooth[down] - smooth[up]) / 2
+    gx = (smooth[:, right] - smooth[:, left]) / 2
+    gradient = np.sqrt(gy * gy + gx * gx) / 255
+    er, ec = np.nonzero(edge)
+    dy, dx = er.astype(np.int64) * n - row_sum, ec.astype(np.int64) * n - col_sum
+    radius = np.sqrt((dy * dy + dx * dx).astype(np.float64))
+    return {
+        "margin_contrast": float(ring_v.mean() - in_v.mean()) if ring_v.size and in_v.size else 0.0,
+        "margin_variation": float(np.std(contrasts)) if len(contrasts) > 1 else 0.0,
+        "around_variation": float(np.std(around)) if len(around) > 1 else 0.0,
+        "margin_sharpness": float(gradient[edge].mean()) if edge.any() else 0.0,
+        "margin_fuzziness": float((4 * prob * (1 - prob))[band].mean()) if band.any() else 0.0,
+        "radius_variation": float(radius.std() / radius.mean()) if radius.size and radius.mean() > 0 else 0.0,
+    }
 
 
 def lesion_descriptors(image: np.ndarray, probabilities: np.ndarray, threshold: float) -> np.ndarray:
@@ -112,6 +185,7 @@ def lesion_descriptors(image: np.ndarray, probabilities: np.ndarray, threshold: 
             depth=float(rows.mean()) / h,
         )
         values["contrast"] = values["mean_inside"] - values["mean_around"]
+        values.update(_margin_descriptors(image, prob, lesion, ring, ring_width))
     return np.array([values[n] for n in DESCRIPTOR_NAMES], np.float64)
 
 
@@ -274,6 +348,94 @@ def _tf_window_any(mask, radius):
     return corner(hi_r, hi_c) - corner(lo_r, hi_c) - corner(hi_r, lo_c) + corner(lo_r, lo_c) > 0
 
 
+def _tf_octant(points, n, row_sum, col_sum):
+    """``_octant`` of (N, 2) int64 (row, col) points."""
+    import tensorflow as tf
+
+    dy, dx = points[:, 0] * n - row_sum, points[:, 1] * n - col_sum
+    return (tf.cast(dy >= 0, tf.int32) * 4 + tf.cast(dx >= 0, tf.int32) * 2
+            + tf.cast(tf.abs(dy) > tf.abs(dx), tf.int32))
+
+
+def _tf_octant_means(values, octants):
+    """(means, present) over the eight octants."""
+    import tensorflow as tf
+
+    sums = tf.math.unsorted_segment_sum(values, octants, 8)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(values), octants, 8)
+    return sums / tf.maximum(counts, 1.0), counts > 0
+
+
+def _tf_std_if_several(values):
+    import tensorflow as tf
+
+    return tf.cond(tf.size(values) > 1, lambda: tf.math.reduce_std(values), lambda: tf.constant(0.0, tf.float64))
+
+
+def _tf_mean_or_zero(values):
+    import tensorflow as tf
+
+    return tf.cond(tf.size(values) > 0, lambda: tf.reduce_mean(values), lambda: tf.constant(0.0, tf.float64))
+
+
+def _tf_box_mean(grey, radius):
+    """``_box_mean`` of (H, W) int64 grey levels."""
+    import tensorflow as tf
+
+    h, w = tf.shape(grey)[0], tf.shape(grey)[1]
+    integral = tf.pad(tf.cumsum(tf.cumsum(grey, 0), 1), [[1, 0], [1, 0]])
+    lo_r, hi_r = tf.clip_by_value(tf.range(h) - radius, 0, h), tf.clip_by_value(tf.range(h) + radius + 1, 0, h)
+    lo_c, hi_c = tf.clip_by_value(tf.range(w) - radius, 0, w), tf.clip_by_value(tf.range(w) + radius + 1, 0, w)
+
+    def corner(r, c):
+        return tf.gather(tf.gather(integral, r, axis=0), c, axis=1)
+
+    sums = (corner(hi_r, hi_c) - corner(lo_r, hi_c)) - (corner(hi_r, lo_c) - corner(lo_r, lo_c))
+    counts = tf.cast(hi_r - lo_r, tf.float64)[:, None] * tf.cast(hi_c - lo_c, tf.float64)[None, :]
+    return tf.cast(sums, tf.float64) / counts
+
+
+def _tf_margin_descriptors(image, prob, lesion, ring, ring_width, hf):
+    """``_margin_descriptors`` as TensorFlow ops."""
+    import tensorflow as tf
+
+    inner = lesion & _tf_window_any(~lesion, ring_width)
+    band = ring | inner
+    points = tf.where(lesion)
+    n = tf.shape(points, out_type=tf.int64)[0]
+    row_sum, col_sum = tf.reduce_sum(points[:, 0]), tf.reduce_sum(points[:, 1])
+    ring_p, inner_p = tf.where(ring), tf.where(inner)
+    ring_v, in_v = tf.gather_nd(image, ring_p), tf.gather_nd(image, inner_p)
+    ring_m, ring_has = _tf_octant_means(ring_v, _tf_octant(ring_p, n, row_sum, col_sum))
+    in_m, in_has = _tf_octant_means(in_v, _tf_octant(inner_p, n, row_sum, col_sum))
+    both = ring_has & in_has
+    p = tf.pad(lesion, [[1, 1], [1, 1]], constant_values=True)
+    edge = lesion & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
+    smooth = _tf_box_mean(tf.cast(tf.round(image * 255), tf.int64),
+                          tf.maximum(1, tf.cast(tf.round(SMOOTH * hf), tf.int32)))
+    hh, ww = tf.shape(smooth)[0], tf.shape(smooth)[1]
+    down, up = tf.minimum(tf.range(hh) + 1, hh - 1), tf.maximum(tf.range(hh) - 1, 0)
+    right, left = tf.minimum(tf.range(ww) + 1, ww - 1), tf.maximum(tf.range(ww) - 1, 0)
+    gy = (tf.gather(smooth, down) - tf.gather(smooth, up)) / 2
+    gx = (tf.gather(smooth, right, axis=1) - tf.gather(smooth, left, axis=1)) / 2
+    gradient = tf.sqrt(gy * gy + gx * gx) / 255
+    edge_p = tf.where(edge)
+    dy, dx = edge_p[:, 0] * n - row_sum, edge_p[:, 1] * n - col_sum
+    radius = tf.sqrt(tf.cast(dy * dy + dx * dx, tf.float64))
+    radius_mean = _tf_mean_or_zero(radius)
+    both_sides = (tf.size(ring_v) > 0) & (tf.size(in_v) > 0)
+    return {
+        "margin_contrast": tf.cond(both_sides, lambda: tf.reduce_mean(ring_v) - tf.reduce_mean(in_v),
+                                   lambda: tf.constant(0.0, tf.float64)),
+        "margin_variation": _tf_std_if_several(tf.boolean_mask(ring_m - in_m, both)),
+        "around_variation": _tf_std_if_several(tf.boolean_mask(ring_m, ring_has)),
+        "margin_sharpness": _tf_mean_or_zero(tf.gather_nd(gradient, edge_p)),
+        "margin_fuzziness": _tf_mean_or_zero(tf.boolean_mask(4.0 * prob * (1.0 - prob), band)),
+        "radius_variation": tf.cond(radius_mean > 0, lambda: tf.math.reduce_std(radius) / radius_mean,
+                                    lambda: tf.constant(0.0, tf.float64)),
+    }
+
+
 def lesion_descriptors_tf(image, probabilities, threshold):
     """``lesion_descriptors`` as TensorFlow ops (graph- and SavedModel-safe).
 
@@ -330,6 +492,7 @@ def lesion_descriptors_tf(image, probabilities, threshold):
                                  lambda: tf.constant(0.0, tf.float64)),
             "depth": row_sum / area / hf,
         }
+        out.update(_tf_margin_descriptors(image, prob, lesion, ring, ring_width, hf))
         return tf.stack([out[n] if n in out else always[n] for n in DESCRIPTOR_NAMES])
 
     def empty():

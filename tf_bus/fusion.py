@@ -233,6 +233,20 @@ def measure_descriptors(seg_cv, clf_rows: dict[str, dict], *, data=None) -> list
     return rows
 
 
+def feature_columns(trees: "BoostedTrees", source) -> list[int]:
+    """Where each of ``trees``' inputs sits in ``FEATURE_NAMES``: a fusion fitted before
+    descriptors were added takes its own columns of the features measured now.
+
+    Raises:
+        TfBusError: ``trees`` takes a feature this version does not measure.
+    """
+    unknown = [n for n in trees.feature_names if n not in FEATURE_NAMES]
+    if unknown:
+        raise TfBusError(f"{source}: the fusion model takes {', '.join(unknown)}, which this tf-bus does not "
+                         "measure; run `tf-bus fuse` again to refit it.")
+    return [FEATURE_NAMES.index(n) for n in trees.feature_names]
+
+
 def features(probabilities, descriptors) -> np.ndarray:
     """The fusion model's inputs (``FEATURE_NAMES``) from (N, 3) probabilities and (N, D) descriptors."""
     return np.c_[np.log(np.clip(np.asarray(probabilities, np.float64), 1e-6, 1.0)), np.asarray(descriptors)]
@@ -387,6 +401,7 @@ class FusedModels:
     segmenter_tta: bool
     classifier_tta: bool
     source: str
+    columns: list[int]  # the trees' inputs among FEATURE_NAMES (``feature_columns``)
 
 
 def load_fused(fused_dir) -> FusedModels:
@@ -416,6 +431,7 @@ def load_fused(fused_dir) -> FusedModels:
             raise TfBusError(f"{cv}: the cross-validation {file} was fused from is gone; the fused classifier needs "
                              "its fold models. Run `tf-bus fuse` again on where the cross-validations are now.")
     trees = BoostedTrees.load(fused_dir / "fusion_model.json")
+    columns = feature_columns(trees, fused_dir / "fusion_model.json")
     folds = []
     for fold, threshold in sorted(thresholds.items()):
         seg_run, clf_run = seg_dir / f"fold_{fold}", clf_dir / f"fold_{fold}"
@@ -427,7 +443,7 @@ def load_fused(fused_dir) -> FusedModels:
                                 clf_cfg.channels, tuple(clf_cfg.image_size)))
     seg_tta = json.loads((seg_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     clf_tta = json.loads((clf_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
-    return FusedModels(trees, folds, bool(seg_tta), bool(clf_tta), str(fused_dir))
+    return FusedModels(trees, folds, bool(seg_tta), bool(clf_tta), str(fused_dir), columns)
 
 
 def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -469,7 +485,7 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
         for i, (prob_map, probs, image) in enumerate(zip(masks, resnet, grey)):
             full = tf.image.resize(prob_map, image.shape, method="bilinear").numpy()[..., 0]
             desc = lesion_descriptors(image, full, f.threshold)
-            out = fused.trees.predict_proba(features(probs[None], desc[None]))[0]
+            out = fused.trees.predict_proba(features(probs[None], desc[None])[:, fused.columns])[0]
             per_fold[i].append({"fold": f.fold, "resnet": probs.tolist(), "descriptors": dict(zip(DESCRIPTOR_NAMES,
                                 desc.tolist())), "fused": out.tolist()})
     out = []
@@ -530,7 +546,8 @@ def fused_serving_function(fused: FusedModels):
 
         desc = tf.map_fn(describe, (images, *maps), fn_output_signature=tf.TensorSpec([k, d], tf.float64))
         resnet = tf.stack(resnet, axis=1)  # (N, folds, classes)
-        x = tf.concat([tf.math.log(tf.clip_by_value(resnet, 1e-6, 1.0)), desc], axis=-1)
+        x = tf.gather(tf.concat([tf.math.log(tf.clip_by_value(resnet, 1e-6, 1.0)), desc], axis=-1), fused.columns,
+                      axis=-1)
         per_fold = tf.reshape(fused.trees.tf_predict_proba(tf.reshape(x, [-1, x.shape[-1]])), [-1, k, len(CLASS_NAMES)])
         probabilities = tf.reduce_mean(per_fold, axis=1)
         ids = tf.argmax(probabilities, axis=-1)
