@@ -332,20 +332,31 @@ def _tf_hull_area(filled):
     return tf.cast(tf.abs(twice), tf.float64) / 8.0  # shoelace / 2, in doubled coordinates / 4
 
 
-def _tf_window_any(mask, radius):
-    """Square dilation of a boolean (H, W) mask by ``radius`` pixels (outside the image
-    counts as unmarked), from an integral image."""
+def _tf_window_sums(values, radius):
+    """(sums, counts): sums of integer (H, W) ``values`` over the (2 radius + 1)^2 window
+    around each pixel, the window clipped to the image, from an integral image (exact);
+    counts: the float64 number of pixels in each clipped window."""
     import tensorflow as tf
 
-    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
-    integral = tf.pad(tf.cumsum(tf.cumsum(tf.cast(mask, tf.int32), 0), 1), [[1, 0], [1, 0]])
+    h, w = tf.shape(values)[0], tf.shape(values)[1]
+    integral = tf.pad(tf.cumsum(tf.cumsum(values, 0), 1), [[1, 0], [1, 0]])
     lo_r, hi_r = tf.clip_by_value(tf.range(h) - radius, 0, h), tf.clip_by_value(tf.range(h) + radius + 1, 0, h)
     lo_c, hi_c = tf.clip_by_value(tf.range(w) - radius, 0, w), tf.clip_by_value(tf.range(w) + radius + 1, 0, w)
 
     def corner(r, c):
         return tf.gather(tf.gather(integral, r, axis=0), c, axis=1)
 
-    return corner(hi_r, hi_c) - corner(lo_r, hi_c) - corner(hi_r, lo_c) + corner(lo_r, lo_c) > 0
+    sums = (corner(hi_r, hi_c) - corner(lo_r, hi_c)) - (corner(hi_r, lo_c) - corner(lo_r, lo_c))
+    counts = tf.cast(hi_r - lo_r, tf.float64)[:, None] * tf.cast(hi_c - lo_c, tf.float64)[None, :]
+    return sums, counts
+
+
+def _tf_window_any(mask, radius):
+    """Square dilation of a boolean (H, W) mask by ``radius`` pixels (outside the image
+    counts as unmarked)."""
+    import tensorflow as tf
+
+    return _tf_window_sums(tf.cast(mask, tf.int32), radius)[0] > 0
 
 
 def _tf_octant(points, n, row_sum, col_sum):
@@ -382,16 +393,7 @@ def _tf_box_mean(grey, radius):
     """``_box_mean`` of (H, W) int64 grey levels."""
     import tensorflow as tf
 
-    h, w = tf.shape(grey)[0], tf.shape(grey)[1]
-    integral = tf.pad(tf.cumsum(tf.cumsum(grey, 0), 1), [[1, 0], [1, 0]])
-    lo_r, hi_r = tf.clip_by_value(tf.range(h) - radius, 0, h), tf.clip_by_value(tf.range(h) + radius + 1, 0, h)
-    lo_c, hi_c = tf.clip_by_value(tf.range(w) - radius, 0, w), tf.clip_by_value(tf.range(w) + radius + 1, 0, w)
-
-    def corner(r, c):
-        return tf.gather(tf.gather(integral, r, axis=0), c, axis=1)
-
-    sums = (corner(hi_r, hi_c) - corner(lo_r, hi_c)) - (corner(hi_r, lo_c) - corner(lo_r, lo_c))
-    counts = tf.cast(hi_r - lo_r, tf.float64)[:, None] * tf.cast(hi_c - lo_c, tf.float64)[None, :]
+    sums, counts = _tf_window_sums(grey, radius)
     return tf.cast(sums, tf.float64) / counts
 
 
