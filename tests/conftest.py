@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -25,6 +28,27 @@ def _seed_everything():
         keras.utils.set_random_seed(0)
     except ImportError:  # pragma: no cover - keras is a dependency
         pass
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build(folder)`` fills, built once per test session and shared by the
+    pytest-xdist workers (each worker would otherwise build its own copy of a module
+    fixture: two 2-fold cross-validations cost minutes). The first worker to get the lock
+    builds; the others wait, then read the same folder. Read-only by convention, like the
+    fixtures it serves. Without xdist it is a plain ``mktemp`` folder."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # the session's, above each worker's
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build raises
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import built_once
 from tf_bus.data.busi import TfBusError
 from tf_bus.descriptors import DESCRIPTOR_NAMES, lesion_descriptors
 from tf_bus.fusion import FEATURE_NAMES, BoostedTrees, fuse
@@ -234,27 +235,32 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def two_cvs(synthetic_release, tmp_path_factory):
-    """A 2-fold U-Net and a 2-fold ResNet cross-validation of the synthetic release (same folds)."""
+    """A 2-fold U-Net and a 2-fold ResNet cross-validation of the synthetic release (same
+    folds), built once for every xdist worker."""
     from tf_bus.config import ClassifierConfig
     from tf_bus.training.cross_validation import cross_validate
 
-    root = tmp_path_factory.mktemp("cvs")
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2", *TINY_SEG)
-    assert r.returncode == 0, r.stderr[-3000:]
-    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
-                              diagnostics=False)
-    cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
+    def build(root):
+        r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2", *TINY_SEG)
+        assert r.returncode == 0, r.stderr[-3000:]
+        config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
+                                  time_budget_minutes=0, diagnostics=False)
+        cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
+
+    root = built_once(tmp_path_factory, "cvs", build)
     return root / "seg", root / "clf"
 
 
 @pytest.fixture(scope="module")
 def fused(two_cvs, tmp_path_factory):
     seg, clf = two_cvs
-    out = tmp_path_factory.mktemp("fused") / "fused"
-    r = _cli("fuse", seg, clf, "--out", out, "--trees", "20", "--resamples", "200")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "fused - ResNet accuracy" in r.stdout
-    return out
+
+    def build(root):
+        r = _cli("fuse", seg, clf, "--out", root / "fused", "--trees", "20", "--resamples", "200")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "fused - ResNet accuracy" in r.stdout
+
+    return built_once(tmp_path_factory, "fused", build) / "fused"
 
 
 @pytest.mark.slow
