@@ -94,20 +94,24 @@ def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, prepared) -> dict[str, Path]:
     """A tiny trained segmenter and classifier run (32 px, one epoch), for export and serving.
-    The classifier fine-tunes the head over a local backbone weights file (quick to trace)."""
-    import keras
+    The classifier fine-tunes the head over a local backbone weights file (quick to trace).
+    Built once for every xdist worker; read-only by convention."""
 
-    from tf_bus.config import ClassifierConfig, SegmenterConfig
-    from tf_bus.training.classification import train_classifier
-    from tf_bus.training.segmentation import train_segmenter
+    def build(root):
+        import keras
 
-    root = tmp_path_factory.mktemp("runs")
-    seg = SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1, batch_size=8, warmup_epochs=0,
-                          time_budget_minutes=0)
-    train_segmenter(prepared, root / "seg", seg, verbose=0)
-    weights = root / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-    cls = ClassifierConfig(image_size=(32, 32), weights=str(weights), head_epochs=1, epochs=1, batch_size=8,
-                           warmup_epochs=0, time_budget_minutes=0)
-    train_classifier(prepared, root / "cls", cls, verbose=0)
+        from tf_bus.config import ClassifierConfig, SegmenterConfig
+        from tf_bus.training.classification import train_classifier
+        from tf_bus.training.segmentation import train_segmenter
+
+        seg = SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1, batch_size=8, warmup_epochs=0,
+                              time_budget_minutes=0)
+        train_segmenter(prepared, root / "seg", seg, verbose=0)
+        weights = root / "resnet50_notop.weights.h5"
+        keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+        cls = ClassifierConfig(image_size=(32, 32), weights=str(weights), head_epochs=1, epochs=1, batch_size=8,
+                               warmup_epochs=0, time_budget_minutes=0)
+        train_classifier(prepared, root / "cls", cls, verbose=0)
+
+    root = built_once(tmp_path_factory, "runs", build)
     return {"segmenter": root / "seg", "classifier": root / "cls"}
