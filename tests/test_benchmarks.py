@@ -182,3 +182,4 @@ def test_serving_latency_benchmark_prints_json():
     assert floor["rest_p50_ratio_floor"] > 1 and out["batch_ceiling"]["in_process_batch_speedup"] > 0
     post = out["postprocess_largest"]  # the segmenter (the default model) exported with --postprocess largest too
     assert post["ratio"] == pytest.approx(post["largest_p50_ms"] / post["none_p50_ms"]) and post["mask_components"] >= 1
+    assert 0 < post["threshold"] < 1  # the untrained U-Net's median: a ragged mask whatever its initialisation
