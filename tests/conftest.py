@@ -6,6 +6,8 @@ import fcntl
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -115,3 +117,30 @@ def tiny_runs(tmp_path_factory, prepared) -> dict[str, Path]:
 
     root = built_once(tmp_path_factory, "runs", build)
     return {"segmenter": root / "seg", "classifier": root / "cls"}
+
+
+#: The 2-fold U-Net cross-validation of ``two_cvs`` (`tf-bus train-segmenter` flags).
+CV_SEGMENTER_FLAGS = ["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8", "--epochs", "2",
+                      "--warmup-epochs", "0", "--no-diagnostics", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def two_cvs(synthetic_release, tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-fold U-Net and a 2-fold ResNet cross-validation of the synthetic release (same
+    folds): the U-Net's through the CLI (``CV_SEGMENTER_FLAGS``), the ResNet's through
+    ``cross_validate``. Built once for every xdist worker and test module; read-only (tests
+    that resume or overwrite one copy it first)."""
+    from tf_bus.config import ClassifierConfig
+    from tf_bus.training.cross_validation import cross_validate
+
+    def build(root):
+        r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "train-segmenter", "--data", str(synthetic_release),
+                            "--out", str(root / "seg"), "--folds", "2", *CV_SEGMENTER_FLAGS],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
+                                  time_budget_minutes=0, diagnostics=False)
+        cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
+
+    root = built_once(tmp_path_factory, "cvs", build)
+    return root / "seg", root / "clf"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import CV_SEGMENTER_FLAGS
 from tf_bus.config import SplitConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.data.split import DuplicateGroups, SplitPlan, cross_validation_plans
@@ -65,9 +68,6 @@ def test_impossible_folds_are_refused(folds, validation, message):
 
 # ------------------------------------------------------------------------ end to end (slow)
 
-TINY_SEG = ["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8", "--epochs", "1",
-            "--warmup-epochs", "0", "--no-diagnostics", "--quiet"]
-
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "tf_bus.cli", *map(str, args)], capture_output=True, text=True,
@@ -75,12 +75,13 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_segmenter_folds_pool_every_case_and_resume(synthetic_release, tmp_path):
+def test_segmenter_folds_pool_every_case_and_resume(two_cvs, synthetic_release, tmp_path):
+    """The shared 2-fold U-Net CV (`train-segmenter --folds 2`, conftest), copied, then resumed
+    and overwritten."""
     from tf_bus.evaluation import aggregate_mask_metrics
 
     cv = tmp_path / "cv"
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG)
-    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(two_cvs[0], cv)
     result = json.loads((cv / "cross_validation.json").read_text())
     names = [p["name"] for p in result["per_image"]]
     assert len(names) == len(set(names)) == 36, "each synthetic case scored once"
@@ -95,15 +96,21 @@ def test_segmenter_folds_pool_every_case_and_resume(synthetic_release, tmp_path)
 
     best = [(cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns for k in range(2)]
     (cv / "fold_1" / "eval_test" / "metrics.json").unlink()  # killed after fold 1 trained, before it was scored
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG)
+    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *CV_SEGMENTER_FLAGS)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fold 1 of 2" not in r.stdout and "fold 2 of 2" not in r.stdout, "finished folds are not trained again"
     assert [(cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns for k in range(2)] == best
     assert (cv / "fold_1" / "eval_test" / "metrics.json").exists()
+    again = {p["name"]: p for p in json.loads((cv / "cross_validation.json").read_text())["per_image"]}
+    assert sorted(again) == sorted(names)
+    for p in result["per_image"]:  # fold 1 scored again: the same scores
+        assert again[p["name"]]["fold"] == p["fold"] and again[p["name"]]["dice"] == pytest.approx(p["dice"], abs=1e-6)
 
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG, "--seed", "5")
+    tiny = [*CV_SEGMENTER_FLAGS[:CV_SEGMENTER_FLAGS.index("--epochs") + 1], "1",
+            *CV_SEGMENTER_FLAGS[CV_SEGMENTER_FLAGS.index("--epochs") + 2:]]
+    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5")
     assert r.returncode == 2 and "holds a cross-validation with other settings" in r.stderr
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *TINY_SEG, "--seed", "5",
+    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5",
              "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
     assert all((cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns != best[k] for k in range(2)), "trained again"
@@ -117,20 +124,30 @@ def _load(path):
 
 
 @pytest.mark.slow
-def test_classifier_folds_pool_the_probabilities(prepared, tmp_path):
-    from tf_bus.config import ClassifierConfig
+def test_classifier_folds_pool_the_probabilities(two_cvs):
+    """The shared 2-fold ResNet CV (``cross_validate``, conftest)."""
     from tf_bus.evaluation import classification_metrics
-    from tf_bus.training.cross_validation import cross_validate
 
-    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
-                              diagnostics=False)
-    result = cross_validate("classifier", prepared, tmp_path / "cv", config, folds=2, tta=False, verbose=0)
+    result = json.loads((two_cvs[1] / "cross_validation.json").read_text())
     per = result["per_image"]
     assert len(per) == 36 and {p["fold"] for p in per} == {0, 1}
     pooled = classification_metrics([p["label"] for p in per], [p["probabilities"] for p in per])
     assert result["pooled"]["accuracy"] == pytest.approx(pooled["accuracy"])
     assert np.sum(result["pooled"]["confusion_matrix"]) == 36
     assert result["fold_mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in result["folds"]]))
+
+
+def test_a_prepared_folder_gives_its_release_and_the_same_folds(synthetic_release, prepared):
+    """`--data` may be a `tf-bus prepare` output: its source release and its splits.json,
+    so the folds are those of the release itself."""
+    from tf_bus.training.cross_validation import _release_and_plan
+
+    release, plan = _release_and_plan(prepared, None)
+    assert Path(release).resolve() == synthetic_release.resolve()
+    assert plan.assignment == _release_and_plan(synthetic_release, None)[1].assignment
+    folds = [p.assignment for p in cross_validation_plans(plan, 2, validation=0.10)]
+    assert folds == [p.assignment for p in cross_validation_plans(_release_and_plan(synthetic_release, None)[1], 2,
+                                                                  validation=0.10)]
 
 
 def test_folds_need_a_release_not_a_split_layout(prepared, tmp_path):

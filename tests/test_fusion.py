@@ -224,31 +224,9 @@ def test_a_damaged_fusion_model_file_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY_SEG = ["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8", "--epochs", "2",
-            "--warmup-epochs", "0", "--no-diagnostics", "--quiet"]
-
-
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "tf_bus.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=900)
-
-
-@pytest.fixture(scope="module")
-def two_cvs(synthetic_release, tmp_path_factory):
-    """A 2-fold U-Net and a 2-fold ResNet cross-validation of the synthetic release (same
-    folds), built once for every xdist worker."""
-    from tf_bus.config import ClassifierConfig
-    from tf_bus.training.cross_validation import cross_validate
-
-    def build(root):
-        r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2", *TINY_SEG)
-        assert r.returncode == 0, r.stderr[-3000:]
-        config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
-                                  time_budget_minutes=0, diagnostics=False)
-        cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
-
-    root = built_once(tmp_path_factory, "cvs", build)
-    return root / "seg", root / "clf"
 
 
 @pytest.fixture(scope="module")
