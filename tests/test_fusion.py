@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import built_once
+from conftest import CV_SEGMENTER_FLAGS, built_once
 from tf_bus.data.busi import TfBusError
 from tf_bus.descriptors import DESCRIPTOR_NAMES, lesion_descriptors
 from tf_bus.fusion import FEATURE_NAMES, BoostedTrees, fuse
@@ -279,7 +279,8 @@ def test_fuse_stacks_two_cross_validations(two_cvs, fused, synthetic_release):
 
     # The model fitted on every case reads back and applies to the table's features.
     model = BoostedTrees.load(out / "fusion_model.json")
-    assert model.feature_names == list(FEATURE_NAMES)
+    assert model.feature_names == list(FEATURE_NAMES[:3 + len(DESCRIPTOR_NAMES)]), "no presence U-Net, no presence"
+    assert result["settings"]["presence_cv"] is None
     x = np.c_[np.log(np.clip([[float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")] for r in rows],
                              1e-6, 1)), [[float(r[n]) for n in DESCRIPTOR_NAMES] for r in rows]]
     assert model.predict_proba(x).shape == (len(rows), 3)
@@ -397,6 +398,94 @@ def test_exported_fusion_serves_what_fuse_predict_computes(two_cvs, fused, synth
     r = _cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused", "--threshold", "0.5")
     assert r.returncode == 2 and "leave out --threshold" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp_path / "models" / "busi_fused").iterdir()) == ["1"]
+
+
+@pytest.fixture(scope="module")
+def fused_presence(two_cvs, tmp_path_factory, synthetic_release):
+    """The shared CVs fused with a presence U-Net: a third 2-fold CV, trained on every image."""
+    seg, clf = two_cvs
+
+    def build(root):
+        r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "pres", "--folds", "2",
+                 *CV_SEGMENTER_FLAGS, "--no-lesion-only", "--seed", "4")
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = _cli("fuse", seg, clf, "--presence-cv", root / "pres", "--out", root / "fused", "--trees", "20",
+                 "--resamples", "200")
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    root = built_once(tmp_path_factory, "fused-presence", build)
+    return root / "pres", root / "fused"
+
+
+@pytest.mark.slow
+def test_a_presence_unet_joins_the_features_in_fuse_predict_and_export(two_cvs, fused_presence, synthetic_release,
+                                                                       tmp_path):
+    """`fuse --presence-cv`: the presence descriptors of the held-out masks of the second U-Net
+    are in descriptors.csv and the trees' inputs; `fuse-predict` and the export compute them
+    again from that U-Net."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from tf_bus.config import CLASS_NAMES
+    from tf_bus.evaluation import predict_split
+    from tf_bus.fusion import PRESENCE_DESCRIPTORS, PRESENCE_NAMES, features, load_fused, predict_fused
+
+    seg, clf = two_cvs
+    pres, out = fused_presence
+    result = json.loads((out / "cross_validation.json").read_text())
+    assert result["settings"]["presence_cv"] == str(pres) and result["settings"]["features"] == list(FEATURE_NAMES)
+    trees = BoostedTrees.load(out / "fusion_model.json")
+    assert trees.feature_names == list(FEATURE_NAMES) and FEATURE_NAMES[-len(PRESENCE_NAMES):] == PRESENCE_NAMES
+    rows = {r["name"]: r for r in csv.DictReader((out / "descriptors.csv").open())}
+    assert list(next(iter(rows.values())))[-len(PRESENCE_NAMES):] == list(PRESENCE_NAMES)
+    pres_cv = json.loads((pres / "cross_validation.json").read_text())
+    for k in (0, 1):  # each fold's cases measured again by hand from that fold's presence U-Net
+        for name, image_path, prob, _ in predict_split(pres / f"fold_{k}", synthetic_release, "test", tta=True,
+                                                       splits_file=pres / f"fold_{k}" / "splits.json")[:3]:
+            image = np.asarray(Image.open(image_path).convert("L"), np.float64) / 255.0
+            measured = lesion_descriptors(image, prob, pres_cv["folds"][k]["threshold"])
+            expected = [measured[DESCRIPTOR_NAMES.index(n)] for n in PRESENCE_DESCRIPTORS]
+            np.testing.assert_allclose([float(rows[name][n]) for n in PRESENCE_NAMES], expected, rtol=1e-5, atol=1e-6)
+
+    chosen = [r for r in rows.values() if r["fold"] == "0"][:2] + [r for r in rows.values() if r["fold"] == "1"][:2]
+    paths = [synthetic_release / r["class"] / f"{r['name']}.png" for r in chosen]
+    predicted = predict_fused(out, paths)
+    for row, got in zip(chosen, predicted):
+        own = got["folds"][int(row["fold"])]
+        np.testing.assert_allclose([own["presence"][n] for n in PRESENCE_NAMES], [float(row[n]) for n in PRESENCE_NAMES],
+                                   rtol=1e-5, atol=1e-6)
+        for f in got["folds"]:
+            x = features([f["resnet"]], [[f["descriptors"][n] for n in DESCRIPTOR_NAMES]],
+                         [[f["presence"][n] for n in PRESENCE_NAMES]])
+            np.testing.assert_allclose(f["fused"], trees.predict_proba(x)[0], atol=1e-12)
+
+    r = _cli("export", out, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    assert info["presence_descriptors"] == list(PRESENCE_NAMES) and "presence_threshold" in info["folds"][0]
+    reader = tf.train.load_checkpoint(str(tmp_path / "models/busi_fused/1/variables/variables"))
+    stored = sum(int(np.prod(s)) for n, s in reader.get_variable_to_shape_map().items() if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert stored == sum(f.unet.count_params() + f.resnet.count_params() + f.presence.unet.count_params()
+                         for f in load_fused(out).folds), "both U-Nets and the ResNet of every fold, stored once"
+    served = tf.saved_model.load(info["path"]).signatures["serving_default"](
+        images=tf.constant([p.read_bytes() for p in paths]))
+    np.testing.assert_allclose(served["presence_descriptors"].numpy(),
+                               [[[f["presence"][n] for n in PRESENCE_NAMES] for f in e["folds"]] for e in predicted],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["probabilities"].numpy(),
+                               [[e["probabilities"][c] for c in CLASS_NAMES] for e in predicted], atol=1e-6)
+
+    # A lesion-only U-Net CV is refused as the presence U-Net, before anything is measured.
+    r = _cli("fuse", seg, clf, "--presence-cv", seg, "--out", tmp_path / "refused")
+    assert r.returncode == 2 and "trained on lesion images only" in r.stderr and "--no-lesion-only" in r.stderr
+    assert not (tmp_path / "refused").exists()
+    # Trees that take presence descriptors with no presence CV named: a clear error.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    result["settings"]["presence_cv"] = None
+    (damaged / "cross_validation.json").write_text(json.dumps(result))
+    with pytest.raises(TfBusError, match="takes presence descriptors"):
+        predict_fused(damaged, paths[:1])
 
 
 @pytest.mark.slow

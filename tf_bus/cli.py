@@ -713,6 +713,11 @@ def _add_fuse(sub) -> None:
     p.add_argument("segmenter_cv", metavar="SEG_CV", help="the --out folder of `tf-bus train-segmenter --folds K`")
     p.add_argument("classifier_cv", metavar="CLF_CV", help="the --out folder of `tf-bus train-classifier --folds K`")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--presence-cv", metavar="PRES_CV",
+                   help="the --out folder of a second `tf-bus train-segmenter --no-lesion-only --folds K` on the "
+                        "same data: that U-Net, trained on every image, learns to leave normal images empty, and "
+                        "its confidence that an image holds a lesion (max/top probability, marked share, area) "
+                        "joins the features (default: none)")
     p.add_argument("--data", metavar="DIR",
                    help="the release the cross-validations were trained on, if it has moved since (default: the "
                         "path SEG_CV recorded)")
@@ -728,8 +733,9 @@ def _add_fuse(sub) -> None:
 def _cmd_fuse(args) -> int:
     from tf_bus.fusion import fuse, summary_lines
 
-    result = fuse(args.segmenter_cv, args.classifier_cv, args.out, data=args.data, trees=args.trees, depth=args.depth,
-                  learning_rate=args.learning_rate, seed=args.seed, resamples=args.resamples)
+    result = fuse(args.segmenter_cv, args.classifier_cv, args.out, presence_cv=args.presence_cv, data=args.data,
+                  trees=args.trees, depth=args.depth, learning_rate=args.learning_rate, seed=args.seed,
+                  resamples=args.resamples)
     print("\n".join(summary_lines(result)))
     print(f"fusion -> {Path(args.out).expanduser().resolve()}")
     return 0

@@ -17,6 +17,12 @@ predicted by trees that never saw it, from features of models that never saw it 
 stacking, the models behind the trees' training rows did train on it). Last, trees are
 fitted on every case: the model to apply to new cases (``fusion_model.json``).
 
+The lesion-only U-Net (the trainer's default) marks something on nearly every normal image,
+so normals are the fusion's weakest class. ``presence_cv`` adds a second U-Net
+cross-validation on the same folds, trained on every image (`--no-lesion-only`): its
+confidence that the image holds a lesion at all (``PRESENCE_DESCRIPTORS``) joins the
+features.
+
 DIR after a run::
 
     descriptors.csv          per case: name, fold, label, the ResNet's probabilities, descriptors
@@ -45,8 +51,17 @@ from tf_bus.data.busi import TfBusError
 from tf_bus.descriptors import DESCRIPTOR_NAMES, DESCRIPTORS, lesion_descriptors
 from tf_bus.io import write_bytes_atomic, write_json_atomic
 
-#: The fused model's inputs: the ResNet's log-probabilities, then the descriptors.
-FEATURE_NAMES: tuple[str, ...] = (*(f"log_p_{c}" for c in CLASS_NAMES), *DESCRIPTOR_NAMES)
+#: What a second U-Net cross-validation, trained on every image (`--no-lesion-only`), adds
+#: with ``fuse(presence_cv=...)``: how sure that U-Net is that the image holds a lesion at all.
+#: The lesion-only U-Net marks something on nearly every normal image; this one leaves about
+#: half of them empty (README, "Lesion-aware classification").
+PRESENCE_DESCRIPTORS: tuple[str, ...] = ("max_probability", "top_probability", "mask_fraction", "area")
+PRESENCE_NAMES: tuple[str, ...] = tuple(f"presence_{n}" for n in PRESENCE_DESCRIPTORS)
+_PRESENCE_COLUMNS = [DESCRIPTOR_NAMES.index(n) for n in PRESENCE_DESCRIPTORS]
+
+#: The fused model's inputs: the ResNet's log-probabilities, the descriptors, then (with a
+#: presence U-Net) the presence descriptors.
+FEATURE_NAMES: tuple[str, ...] = (*(f"log_p_{c}" for c in CLASS_NAMES), *DESCRIPTOR_NAMES, *PRESENCE_NAMES)
 
 
 @dataclass
@@ -247,9 +262,11 @@ def feature_columns(trees: "BoostedTrees", source) -> list[int]:
     return [FEATURE_NAMES.index(n) for n in trees.feature_names]
 
 
-def features(probabilities, descriptors) -> np.ndarray:
-    """The fusion model's inputs (``FEATURE_NAMES``) from (N, 3) probabilities and (N, D) descriptors."""
-    return np.c_[np.log(np.clip(np.asarray(probabilities, np.float64), 1e-6, 1.0)), np.asarray(descriptors)]
+def features(probabilities, descriptors, presence=None) -> np.ndarray:
+    """The fusion model's inputs (``FEATURE_NAMES``, the presence columns only when given) from
+    (N, 3) probabilities, (N, D) descriptors and (N, P) presence descriptors."""
+    x = np.c_[np.log(np.clip(np.asarray(probabilities, np.float64), 1e-6, 1.0)), np.asarray(descriptors, np.float64)]
+    return x if presence is None else np.c_[x, np.asarray(presence, np.float64)]
 
 
 def _out_of_fold(x, y, folds, **fit) -> np.ndarray:
@@ -265,10 +282,12 @@ def _out_of_fold(x, y, folds, **fit) -> np.ndarray:
 def _write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["name", "fold", "label", "class", *(f"p_{c}" for c in CLASS_NAMES), *DESCRIPTOR_NAMES])
+    presence = PRESENCE_NAMES if "presence" in rows[0] else ()
+    w.writerow(["name", "fold", "label", "class", *(f"p_{c}" for c in CLASS_NAMES), *DESCRIPTOR_NAMES, *presence])
     for r in rows:
         w.writerow([r["name"], r["fold"], r["label"], CLASS_NAMES[r["label"]],
-                    *(f"{p:.6g}" for p in r["probabilities"]), *(f"{d:.6g}" for d in r["descriptors"])])
+                    *(f"{p:.6g}" for p in r["probabilities"]),
+                    *(f"{d:.6g}" for d in r["descriptors"] + r.get("presence", []))])
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
@@ -283,13 +302,16 @@ def _importance_plot(importance: dict[str, float], path: Path) -> None:
     save_png(fig, path)
 
 
-def fuse(segmenter_cv, classifier_cv, out_dir, *, data=None, trees: int = 200, depth: int = 2,
+def fuse(segmenter_cv, classifier_cv, out_dir, *, presence_cv=None, data=None, trees: int = 200, depth: int = 2,
          learning_rate: float = 0.05, seed: int = 0, resamples: int = 10000) -> dict[str, Any]:
     """Stacks a U-Net and a ResNet cross-validation (module docstring); writes ``out_dir``.
 
     Args:
         segmenter_cv, classifier_cv: the --out folders of `train-segmenter --folds K` and
             `train-classifier --folds K` on the same data (same folds).
+        presence_cv: optionally a second U-Net cross-validation on the same folds, trained on
+            every image (`train-segmenter --no-lesion-only --folds K`): the
+            ``PRESENCE_DESCRIPTORS`` of its held-out masks join the features.
         data: the release the CVs were trained on, if it moved since.
         trees, depth, learning_rate, seed: the gradient-boosted trees.
         resamples: bootstrap resamples of the paired comparison with the ResNet.
@@ -306,13 +328,26 @@ def fuse(segmenter_cv, classifier_cv, out_dir, *, data=None, trees: int = 200, d
     seg_dir, seg = _load_cv(segmenter_cv, "segmenter")
     clf_dir, clf = _load_cv(classifier_cv, "classifier")
     _check_folds(seg, clf, seg_dir / "cross_validation.json", clf_dir / "cross_validation.json")
+    pres = None
+    if presence_cv is not None:
+        pres_dir, pres = _load_cv(presence_cv, "segmenter")
+        if pres["settings"].get("config", {}).get("lesion_only", False):
+            raise TfBusError(f"{pres_dir}: this U-Net cross-validation was trained on lesion images only; the "
+                             "presence U-Net must also learn to leave normal images empty. Train it with "
+                             "`tf-bus train-segmenter --no-lesion-only --folds K` on the same data.")
+        _check_folds(pres, clf, pres_dir / "cross_validation.json", clf_dir / "cross_validation.json")
     clf_rows = {r["name"]: r for r in clf["per_image"]}
     rows = measure_descriptors((seg_dir, seg), clf_rows, data=data)
+    if pres is not None:
+        measured = {r["name"]: r["descriptors"] for r in measure_descriptors((pres_dir, pres), clf_rows, data=data)}
+        for r in rows:
+            r["presence"] = [measured[r["name"]][i] for i in _PRESENCE_COLUMNS]
     rows.sort(key=lambda r: (r["fold"], r["name"]))
     y = np.array([r["label"] for r in rows])
     folds = np.array([r["fold"] for r in rows])
     resnet = np.array([r["probabilities"] for r in rows], np.float64)
-    desc = np.array([r["descriptors"] for r in rows], np.float64)
+    desc = np.array([r["descriptors"] + r.get("presence", []) for r in rows], np.float64)  # the U-Nets' features
+    feature_names = list(FEATURE_NAMES[:len(FEATURE_NAMES) - (0 if pres is not None else len(PRESENCE_NAMES))])
     fit = dict(trees=trees, depth=depth, learning_rate=learning_rate, seed=seed)
     fused = _out_of_fold(features(resnet, desc), y, folds, **fit)
     descriptors_only = _out_of_fold(desc, y, folds, **fit)
@@ -327,7 +362,7 @@ def fuse(segmenter_cv, classifier_cv, out_dir, *, data=None, trees: int = 200, d
         m = classification_metrics(y[folds == k], fused[folds == k])
         by_fold.append({"fold": int(k), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "macro_roc_auc_ovr": m["macro_roc_auc_ovr"], "cases": int((folds == k).sum())})
-    model = BoostedTrees.fit(features(resnet, desc), y, feature_names=FEATURE_NAMES, class_names=list(CLASS_NAMES),
+    model = BoostedTrees.fit(features(resnet, desc), y, feature_names=feature_names, class_names=list(CLASS_NAMES),
                              **fit)
     model.save(out / "fusion_model.json")
     pooled = classification_metrics(y, fused)
@@ -347,7 +382,10 @@ def fuse(segmenter_cv, classifier_cv, out_dir, *, data=None, trees: int = 200, d
         "settings": {"kind": "fusion", "segmenter_cv": str(seg_dir), "classifier_cv": str(clf_dir),
                      "data": str(Path(data or seg["settings"]["data"]).expanduser()),
                      "thresholds": {f["fold"]: f["threshold"] for f in seg["folds"]},
-                     "descriptors": DESCRIPTORS, "features": list(FEATURE_NAMES), **fit},
+                     "presence_cv": str(pres_dir) if pres is not None else None,
+                     "presence_thresholds": {f["fold"]: f["threshold"] for f in pres["folds"]} if pres is not None
+                     else None,
+                     "descriptors": DESCRIPTORS, "features": feature_names, **fit},
     }
     _classification_plots(y, fused, pooled, out)
     _importance_plot(summary["importance"], out / "importance.png")
@@ -378,6 +416,18 @@ def _fold_probabilities(model, contents: list, channels: int, image_size, scale:
 
 
 @dataclass
+class PresenceUNet:
+    """Fold k's presence U-Net (trained on every image), when the fusion has one; ``tta`` is
+    its cross-validation's setting, which its held-out masks were predicted with."""
+
+    unet: Any
+    channels: int
+    size: tuple[int, int]
+    threshold: float
+    tta: bool
+
+
+@dataclass
 class FoldModels:
     """Fold k of a fusion: its U-Net (inputs, threshold) and its ResNet."""
 
@@ -389,6 +439,7 @@ class FoldModels:
     resnet: Any
     resnet_channels: int
     resnet_size: tuple[int, int]
+    presence: PresenceUNet | None = None
 
 
 @dataclass
@@ -422,25 +473,38 @@ def load_fused(fused_dir) -> FusedModels:
         settings = json.loads(file.read_text())["settings"]
         seg_dir, clf_dir = Path(settings["segmenter_cv"]), Path(settings["classifier_cv"])
         thresholds = {int(k): float(v) for k, v in settings["thresholds"].items()}
+        pres_dir = Path(settings["presence_cv"]) if settings.get("presence_cv") else None
+        pres_thresholds = {int(k): float(v) for k, v in (settings.get("presence_thresholds") or {}).items()}
     except FileNotFoundError:
         raise TfBusError(f"{fused_dir}: no cross_validation.json; pass the --out folder of `tf-bus fuse`.") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise TfBusError(f"{file}: not written by `tf-bus fuse` (no fusion settings).") from None
-    for cv in (seg_dir, clf_dir):
+    for cv in (seg_dir, clf_dir, *([pres_dir] if pres_dir else [])):
         if not (cv / "cross_validation.json").is_file():
             raise TfBusError(f"{cv}: the cross-validation {file} was fused from is gone; the fused classifier needs "
                              "its fold models. Run `tf-bus fuse` again on where the cross-validations are now.")
     trees = BoostedTrees.load(fused_dir / "fusion_model.json")
     columns = feature_columns(trees, fused_dir / "fusion_model.json")
+    if pres_dir is None and set(trees.feature_names) & set(PRESENCE_NAMES):
+        raise TfBusError(f"{fused_dir}: its fusion model takes presence descriptors but cross_validation.json names no "
+                         "presence cross-validation; run `tf-bus fuse ... --presence-cv` again.")
+    pres_tta = pres_dir is not None and bool(
+        json.loads((pres_dir / "cross_validation.json").read_text())["settings"].get("tta", True))
     folds = []
     for fold, threshold in sorted(thresholds.items()):
         seg_run, clf_run = seg_dir / f"fold_{fold}", clf_dir / f"fold_{fold}"
         seg_cfg, _ = load_run_config(seg_run)
         clf_cfg = ClassifierConfig.from_dict(json.loads((clf_run / "config.json").read_text())["config"])
         weights = clf_run / "best.keras" if (clf_run / "best.keras").exists() else clf_run / "last.keras"
+        presence = None
+        if pres_dir is not None:
+            pres_run = pres_dir / f"fold_{fold}"
+            pres_cfg, _ = load_run_config(pres_run)
+            presence = PresenceUNet(load_best_model(pres_run, compile=False), pres_cfg.channels,
+                                    tuple(pres_cfg.image_size), pres_thresholds[fold], pres_tta)
         folds.append(FoldModels(fold, threshold, load_best_model(seg_run, compile=False), seg_cfg.channels,
                                 tuple(seg_cfg.image_size), keras.saving.load_model(weights, compile=False),
-                                clf_cfg.channels, tuple(clf_cfg.image_size)))
+                                clf_cfg.channels, tuple(clf_cfg.image_size), presence))
     seg_tta = json.loads((seg_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     clf_tta = json.loads((clf_dir / "cross_validation.json").read_text())["settings"].get("tta", True)
     return FusedModels(trees, folds, bool(seg_tta), bool(clf_tta), str(fused_dir), columns)
@@ -455,7 +519,8 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
 
     Returns:
         Per image: ``image``, ``class``, ``probabilities`` (by class name) and ``folds``
-        (each fold's ResNet probabilities, descriptors and fused probabilities).
+        (each fold's ResNet probabilities, descriptors, presence descriptors if the fusion
+        has a presence U-Net, and fused probabilities).
     """
     import tensorflow as tf
     from PIL import Image
@@ -482,12 +547,22 @@ def predict_fused(fused_dir, images: list[str | os.PathLike]) -> list[dict[str, 
                                     np.float32)
         resnet = _fold_probabilities(f.resnet, contents, f.resnet_channels, f.resnet_size, "raw",
                                      fused.classifier_tta, np.float64)
-        for i, (prob_map, probs, image) in enumerate(zip(masks, resnet, grey)):
+        presence = [None] * len(images)
+        if f.presence is not None:
+            presence = _fold_probabilities(f.presence.unet, contents, f.presence.channels, f.presence.size, "unit",
+                                           f.presence.tta, np.float32)
+        for i, (prob_map, probs, image, pres_map) in enumerate(zip(masks, resnet, grey, presence)):
             full = tf.image.resize(prob_map, image.shape, method="bilinear").numpy()[..., 0]
             desc = lesion_descriptors(image, full, f.threshold)
-            out = fused.trees.predict_proba(features(probs[None], desc[None])[:, fused.columns])[0]
-            per_fold[i].append({"fold": f.fold, "resnet": probs.tolist(), "descriptors": dict(zip(DESCRIPTOR_NAMES,
-                                desc.tolist())), "fused": out.tolist()})
+            row = {"fold": f.fold, "resnet": probs.tolist(), "descriptors": dict(zip(DESCRIPTOR_NAMES, desc.tolist()))}
+            pres = None
+            if pres_map is not None:
+                full = tf.image.resize(pres_map, image.shape, method="bilinear").numpy()[..., 0]
+                pres = lesion_descriptors(image, full, f.presence.threshold)[_PRESENCE_COLUMNS]
+                row["presence"] = dict(zip(PRESENCE_NAMES, pres.tolist()))
+            x = features(probs[None], desc[None], None if pres is None else pres[None])
+            row["fused"] = fused.trees.predict_proba(x[:, fused.columns])[0].tolist()
+            per_fold[i].append(row)
     out = []
     for path, folds in zip(images, per_fold):
         mean = np.mean([f["fused"] for f in folds], axis=0)
@@ -509,8 +584,9 @@ def _grey(contents):
 def fused_serving_function(fused: FusedModels):
     """The exported fusion's ``serving_default``: encoded images (string ``[N]``) -> the
     averaged fused ``probabilities``, ``class_ids``, ``class_names``, and per fold
-    ``fold_probabilities``, ``resnet_probabilities`` and ``lesion_descriptors``: what
-    ``predict_fused`` computes, as TensorFlow ops."""
+    ``fold_probabilities``, ``resnet_probabilities``, ``lesion_descriptors`` (and
+    ``presence_descriptors`` with a presence U-Net): what ``predict_fused`` computes, as
+    TensorFlow ops."""
     import tensorflow as tf
 
     from tf_bus.descriptors import lesion_descriptors_tf
@@ -518,6 +594,8 @@ def fused_serving_function(fused: FusedModels):
 
     names = tf.constant(list(CLASS_NAMES))
     k, d = len(fused.folds), len(DESCRIPTOR_NAMES)
+    presence = fused.folds[0].presence is not None
+    p = len(PRESENCE_NAMES) if presence else 0
 
     def outputs(model, x, tta, dtype):
         out = tf.cast(model(x, training=False), dtype)
@@ -534,26 +612,43 @@ def fused_serving_function(fused: FusedModels):
                 decoded[channels, size] = decode_resize(images, channels, size)[0]
             return decoded[channels, size]
 
-        maps, resnet = [], []
+        maps, pres_maps, resnet = [], [], []
         for f in fused.folds:
             maps.append(outputs(f.unet, inputs(f.unet_channels, f.unet_size) / 255.0, fused.segmenter_tta, tf.float32))
             resnet.append(outputs(f.resnet, inputs(f.resnet_channels, f.resnet_size), fused.classifier_tta, tf.float64))
+            if presence:
+                pres_maps.append(outputs(f.presence.unet, inputs(f.presence.channels, f.presence.size) / 255.0,
+                                         f.presence.tta, tf.float32))
 
         def describe(args):
             grey = _grey(args[0])
-            return tf.stack([lesion_descriptors_tf(grey, tf.image.resize(m, tf.shape(grey), method="bilinear")[..., 0],
-                                                   f.threshold) for m, f in zip(args[1:], fused.folds)])
 
-        desc = tf.map_fn(describe, (images, *maps), fn_output_signature=tf.TensorSpec([k, d], tf.float64))
+            def measure(m, threshold):
+                return lesion_descriptors_tf(grey, tf.image.resize(m, tf.shape(grey), method="bilinear")[..., 0],
+                                             threshold)
+
+            rows = []
+            for i, f in enumerate(fused.folds):
+                row = measure(args[1 + i], f.threshold)
+                if presence:
+                    row = tf.concat([row, tf.gather(measure(args[1 + k + i], f.presence.threshold), _PRESENCE_COLUMNS)],
+                                    axis=0)
+                rows.append(row)
+            return tf.stack(rows)
+
+        desc = tf.map_fn(describe, (images, *maps, *pres_maps), fn_output_signature=tf.TensorSpec([k, d + p], tf.float64))
         resnet = tf.stack(resnet, axis=1)  # (N, folds, classes)
         x = tf.gather(tf.concat([tf.math.log(tf.clip_by_value(resnet, 1e-6, 1.0)), desc], axis=-1), fused.columns,
                       axis=-1)
         per_fold = tf.reshape(fused.trees.tf_predict_proba(tf.reshape(x, [-1, x.shape[-1]])), [-1, k, len(CLASS_NAMES)])
         probabilities = tf.reduce_mean(per_fold, axis=1)
         ids = tf.argmax(probabilities, axis=-1)
-        return {"probabilities": tf.cast(probabilities, tf.float32), "class_ids": ids,
-                "class_names": tf.gather(names, ids), "fold_probabilities": tf.cast(per_fold, tf.float32),
-                "resnet_probabilities": tf.cast(resnet, tf.float32), "lesion_descriptors": tf.cast(desc, tf.float32)}
+        out = {"probabilities": tf.cast(probabilities, tf.float32), "class_ids": ids,
+               "class_names": tf.gather(names, ids), "fold_probabilities": tf.cast(per_fold, tf.float32),
+               "resnet_probabilities": tf.cast(resnet, tf.float32), "lesion_descriptors": tf.cast(desc[..., :d], tf.float32)}
+        if presence:
+            out["presence_descriptors"] = tf.cast(desc[..., d:], tf.float32)
+        return out
 
     return serve
 
@@ -575,8 +670,13 @@ def export_fused(fused_dir, model_base_path, name: str, version: int | None = No
                          input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     meta = {"kind": "fusion", "model_name": name, "version": version, "class_names": list(CLASS_NAMES),
             "folds": [{"fold": f.fold, "threshold": f.threshold, "segmenter_input": [*f.unet_size, f.unet_channels],
-                       "classifier_input": [*f.resnet_size, f.resnet_channels]} for f in fused.folds],
-            "descriptors": list(DESCRIPTOR_NAMES), "source_run": fused.source, "signatures": [SERVING_DEFAULT]}
+                       "classifier_input": [*f.resnet_size, f.resnet_channels],
+                       **({"presence_threshold": f.presence.threshold,
+                           "presence_input": [*f.presence.size, f.presence.channels]} if f.presence else {})}
+                      for f in fused.folds],
+            "descriptors": list(DESCRIPTOR_NAMES),
+            "presence_descriptors": list(PRESENCE_NAMES) if fused.folds[0].presence else [],
+            "source_run": fused.source, "signatures": [SERVING_DEFAULT]}
     return write_version(archive, model_dir, version, meta)
 
 
