@@ -750,7 +750,8 @@ def _add_fuse_predict(sub) -> None:
     p.add_argument("fused_dir", metavar="FUSED_DIR", help="the --out folder of `tf-bus fuse`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/BMP files")
     p.add_argument("--folds", action="store_true",
-                   help="also print each fold's ResNet probabilities, descriptors and fused probabilities")
+                   help="also print each fold's ResNet probabilities, descriptors, presence descriptors (with a "
+                        "presence U-Net) and fused probabilities")
     p.set_defaults(func=_cmd_fuse_predict)
 
 
