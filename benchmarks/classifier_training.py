@@ -1,4 +1,4 @@
-"""ResNet50/101 classifier training throughput and FLOP utilisation, float32 against mixed_bfloat16.
+"""ResNet50/101 classifier training throughput and FLOP utilisation, float32 against mixed precision.
 
 In one process, for every backbone and precision: the matmul peak of that precision
 (the best of several large ``tf.matmul`` runs), then ``model.fit`` steps of the
@@ -16,7 +16,7 @@ processes (``benchmarks/onednn.py``).
 own ``BatchNormalization``, one after the other in the same process.
 
     python benchmarks/classifier_training.py [--size 224] [--backbones resnet50,resnet101]
-        [--precisions float32,mixed_bfloat16] [--batch 8] [--steps 3] [--batch-norm fused|keras|both]
+        [--precisions float32,mixed_bfloat16[,mixed_float16]] [--batch 8] [--steps 3] [--batch-norm fused|keras|both]
         [--onednn on|off|both] [--rounds 3]
 """
 
@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import onednn  # noqa: E402  (benchmarks/onednn.py)
-from flops import batched_dataset, conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
+from flops import batched_dataset, compute_dtype, conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
 
 
 def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str,
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="square input side in pixels (default: 224)")
     ap.add_argument("--backbones", default="resnet50,resnet101", help="comma list of resnet50,resnet101 (default: both)")
     ap.add_argument("--precisions", default="float32,mixed_bfloat16",
-                    help="comma list of float32,mixed_bfloat16 (default: both)")
+                    help="comma list of float32, mixed_bfloat16 and mixed_float16 (default: float32,mixed_bfloat16)")
     ap.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per backbone and precision (default: 3)")
     ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
@@ -75,6 +75,11 @@ def main() -> None:
                          "keras.applications' BatchNormalization; both: time each (default: fused)")
     onednn.add_arguments(ap)
     args = ap.parse_args()
+    from tf_bus.training.precision import POLICIES
+
+    unknown = [n for n in args.precisions.split(",") if n not in POLICIES]
+    if unknown:
+        ap.error(f"--precisions: {unknown[0]!r} is not one of {', '.join(POLICIES)}")
     if onednn.compared(args, __file__, "classifier_training"):
         return
 
@@ -88,7 +93,7 @@ def main() -> None:
            "matmul_peak_gflop_per_s": {}, "results": {}}
     variants = ("keras", "fused") if args.batch_norm == "both" else (args.batch_norm,)
     for precision in args.precisions.split(","):
-        peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
+        peak = matmul_peak(compute_dtype(precision))
         out["matmul_peak_gflop_per_s"][precision] = round(peak / 1e9, 1)
         for backbone in args.backbones.split(","):
             for variant in variants:

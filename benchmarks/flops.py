@@ -40,14 +40,20 @@ def conv_flops(model) -> float:
     return total
 
 
+def compute_dtype(precision: str) -> str:
+    """The dtype a Keras precision policy multiplies in: ``mixed_bfloat16`` -> ``bfloat16``,
+    ``mixed_float16`` -> ``float16``, ``float32`` -> ``float32``."""
+    return precision.removeprefix("mixed_")
+
+
 def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """The best FLOP/s of ``repeats`` (n x n) @ (n x n) matmuls in float32 or bfloat16."""
+    """The best FLOP/s of ``repeats`` (n x n) @ (n x n) matmuls in float32, bfloat16 or float16."""
     import tensorflow as tf
 
     a = tf.random.uniform((n, n), dtype=tf.float32)
     b = tf.random.uniform((n, n), dtype=tf.float32)
-    if dtype == "bfloat16":
-        a, b = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+    if dtype != "float32":
+        a, b = tf.cast(a, dtype), tf.cast(b, dtype)
     f = tf.function(lambda x, y: tf.matmul(x, y))
     f(a, b).numpy()
     best = 0.0

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import onednn  # noqa: E402  (benchmarks/onednn.py)
-from flops import batched_dataset, conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
+from flops import batched_dataset, compute_dtype, conv_flops, matmul_peak, significant  # noqa: E402  (benchmarks/flops.py)
 
 
 def build(size: int, base: int, depth: int, batch: int, precision: str, fused: bool, deep_supervision: int = 0):
@@ -78,8 +78,8 @@ def main() -> None:
                     help="batch size, or a comma list of them timed side by side (default: the CLI's)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (default: 6)")
     ap.add_argument("--precisions", default="auto",
-                    help="comma list of float32, mixed_bfloat16 and auto (what the CLI's `--precision auto` "
-                         "picks here: mixed_bfloat16 on a CPU with native bf16 or a GPU, else float32) "
+                    help="comma list of float32, mixed_bfloat16, mixed_float16 and auto (what the CLI's "
+                         "`--precision auto` picks here: see `tf-bus train-segmenter --help`) "
                          "(default: auto, the precision a default run trains in)")
     ap.add_argument("--batch-norm", choices=("fused", "keras", "both"), default="fused",
                     help="fused: the U-Net's default batch norm (TensorFlow's fused kernel); keras: "
@@ -122,7 +122,7 @@ def main() -> None:
     variants = [(v, b, n) for v in bn_variants for b in batches for n in levels]
     rounds = args.bn_rounds if len(variants) > 1 else 1
     for precision in precisions:
-        peak = matmul_peak("bfloat16" if precision == "mixed_bfloat16" else "float32")
+        peak = matmul_peak(compute_dtype(precision))
         models = {(v, b, n): build(args.size, args.base_filters, args.depth, b, precision, v == "fused", n)
                   for v, b, n in variants}
         data_by_batch = {b: batched_dataset(*data(args.size, b * args.steps), b) for b in batches}

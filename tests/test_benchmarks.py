@@ -111,6 +111,13 @@ def test_segmenter_training_benchmark_refuses_bad_lists(flag, value, named):
     assert r.returncode == 2 and flag in r.stderr and named in r.stderr
 
 
+@pytest.mark.parametrize("value, named", [("bfloat16", "'bfloat16'"), ("float32,fp16", "'fp16'")])
+def test_classifier_training_benchmark_refuses_unknown_precisions(value, named):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "classifier_training.py"), "--precisions", value],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 2 and "--precisions" in r.stderr and named in r.stderr and "mixed_float16" in r.stderr
+
+
 def test_tf_data_autotune_benchmark_times_the_real_loader_both_ways(prepared):
     out = run_benchmark("tf_data_autotune.py", str(prepared), "--size", "32", "--depth", "2", "--base-filters", "4",
                         "--batch", "4", "--epochs", "2", "--rounds", "1", "--precision", "float32")

@@ -18,14 +18,14 @@ def data(n=64, d=8, seed=0):
     return x, y
 
 
-def mlp(depth=3, width=16, activation="relu", init="he_normal", bias=0.0, lr=1e-2, optimizer="adam"):
+def mlp(depth=3, width=16, activation="relu", init="he_normal", bias=0.0, lr=1e-2, optimizer="adam", loss="mse"):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,))] + [
         keras.layers.Dense(width, activation=activation, kernel_initializer=init,
                            bias_initializer=keras.initializers.Constant(bias)) for _ in range(depth)
     ] + [keras.layers.Dense(1)])
     opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr)
-    model.compile(optimizer=opt, loss="mse")
+    model.compile(optimizer=opt, loss=loss)
     return model
 
 
@@ -92,3 +92,30 @@ def test_the_gradient_plot_is_redrawn_only_when_a_new_check_arrives(tmp_path):
     diag._check_gradients("step test")  # a new check: the plot follows
     diag.on_epoch_end(3, {"loss": 1.0})
     assert len(diag.grad_history) == checks + 1 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def tiny_mse(y, p):
+    """An MSE 1e-8 times too small: its gradients underflow in float16 unless the loss is scaled."""
+    return 1e-8 * keras.ops.mean(keras.ops.square(keras.ops.cast(y, "float32") - keras.ops.cast(p, "float32")))
+
+
+def test_gradient_norms_under_mixed_float16_are_taken_with_the_loss_scale(tmp_path):
+    x, y = data()
+    norms = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = mlp(loss=tiny_mse)  # the same seed, so the same float32 weights under both policies
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        diag = TrainingDiagnostics(tmp_path / policy, (x[:16], y[:16]))
+        diag.set_model(model)
+        norms[policy] = diag._gradient_norms()
+        if policy == "mixed_float16":
+            assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+            unscaled = diag._scaled_gradient_norms(1.0)
+    reference = list(norms["float32"].values())  # the same kernels in the same order (their paths differ)
+    assert len(norms["mixed_float16"]) == len(reference) == 4 and min(reference) > 0
+    assert list(norms["mixed_float16"].values()) == pytest.approx(reference, rel=0.05)
+    # Without the scale every float16 gradient underflows: the vanishing-gradient rule would fire falsely.
+    assert max(unscaled.values()) < 1e-3 * min(reference)

@@ -12,7 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from tf_bus.config import AugmentConfig, ConfigError
+from tf_bus.config import PRECISIONS, AugmentConfig, ConfigError
+
+PRECISION_HELP = ("compute precision. auto: mixed_bfloat16 on a GPU of compute capability 8.0+ (A100, H100, RTX 30xx) "
+                  "or a CPU with native bf16 (AVX512_BF16/AMX); mixed_float16, with loss scaling, on a GPU of capability "
+                  "7.x (V100, T4); float32 otherwise (default: auto)")
 
 
 def _positive_int(text: str) -> int:
@@ -344,8 +348,6 @@ def _batches(text: str) -> tuple[int, int]:
 
 def _add_training_flags(p, d, monitored: str) -> None:
     """The flags every trainer shares; defaults come from its config ``d``."""
-    from tf_bus.config import PRECISIONS
-
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default: {d.batch_size})")
     p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
                    help="cosine: warm-up then cosine decay to 1%% over --epochs or --time-budget, whichever runs out first; "
@@ -369,7 +371,7 @@ def _add_training_flags(p, d, monitored: str) -> None:
     p.add_argument("--contrast", type=float, default=a.contrast,
                    help=f"augmentation: largest relative contrast change (0.25: 75%%..125%%) (default: {a.contrast:g})")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512_BF16/AMX), else float32 (default: auto)")
+                   help=PRECISION_HELP)
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
                    help=f"early stopping: epochs without a better {monitored}, 0 disables (default: {d.early_stopping_patience})")
     p.add_argument("--time-budget", type=float, default=d.time_budget_minutes, metavar="MINUTES",
@@ -967,8 +969,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=d.schedule,
                    help=f"learning-rate schedule of every trial (default: {d.schedule})")
     p.add_argument("--no-augment", action="store_true", help="turn off the augmentation of the training split")
-    p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default=d.precision,
-                   help="auto: mixed_bfloat16 on a GPU or a CPU with native bf16, else float32 (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help=PRECISION_HELP)
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the tuner and of every trial (default: {d.seed})")
     p.add_argument("--strategy", choices=("default", "onedevice", "mirrored", "multiworker"), default=d.strategy,
                    help="tf.distribute strategy of every trial (KerasTuner's distribution_strategy): default; "

@@ -375,7 +375,7 @@ class LoaderConfig:
         return dataclasses.asdict(self)
 
 
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 class _TrainingConfig:
@@ -463,8 +463,10 @@ class SegmenterConfig(_TrainingConfig):
             Dice on lesion images with it (README, U-Net results); the model then marks
             some false area on most normal images. Configs saved before the field existed
             mean False.
-        precision: ``float32``, ``mixed_bfloat16``, or ``auto`` (bf16 where the
-            hardware has native bf16 math: a GPU, or a CPU with AVX512_BF16/AMX).
+        precision: ``float32``, ``mixed_bfloat16``, ``mixed_float16`` (with loss scaling),
+            or ``auto``: bf16 on a GPU of compute capability 8.0 and up or a CPU with
+            AVX512_BF16/AMX, float16 on a GPU of capability 7.x, else float32
+            (``tf_bus.training.precision.auto_precision``).
         early_stopping_patience: epochs without a better validation Dice before stopping
             (0 disables).
         time_budget_minutes: stop after the epoch that crosses this wall time (0: none).

@@ -68,6 +68,21 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             self.rules[rule].update(triggered=True, details=details, at=at)
 
     def _gradient_norms(self) -> dict[str, float]:
+        """Per-kernel gradient norms on the sample batch. Under ``mixed_float16`` the loss is
+        scaled by the optimizer's current loss scale before differentiating and the norms
+        divided by it, as training does, so that small float16 gradients are not reported as
+        vanished; where that scale overflows (the dynamic scale has not come down yet), the
+        unscaled gradients are taken instead."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            current = getattr(optimizer, "dynamic_scale", None)  # made when the optimizer is built
+            scale = float(keras.ops.convert_to_numpy(current)) if current is not None else float(optimizer.initial_scale)
+            norms = self._scaled_gradient_norms(scale)
+            if all(math.isfinite(n) for n in norms.values()):
+                return norms
+        return self._scaled_gradient_norms(1.0)
+
+    def _scaled_gradient_norms(self, scale: float) -> dict[str, float]:
         import tensorflow as tf
 
         x, y = self.sample_batch
@@ -77,9 +92,10 @@ class TrainingDiagnostics(keras.callbacks.Callback):
                 loss, _ = model.supervised_loss(x, y)
             else:
                 loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+            loss = loss * scale
         vars_ = [v for v in model.trainable_variables if len(v.shape) >= 2]  # kernels, not biases/BN
         grads = tape.gradient(loss, [v.value if hasattr(v, "value") else v for v in vars_])
-        return {v.path: float(tf.norm(tf.cast(g, tf.float32))) for v, g in zip(vars_, grads) if g is not None}
+        return {v.path: float(tf.norm(tf.cast(g, tf.float32))) / scale for v, g in zip(vars_, grads) if g is not None}
 
     def _check_gradients(self, at: str) -> None:
         norms = self._gradient_norms()

@@ -1,4 +1,12 @@
-"""Choosing the compute precision: float32 or mixed_bfloat16."""
+"""Choosing the compute precision: float32, mixed_bfloat16 or mixed_float16.
+
+``auto`` picks, for the hardware at hand, the fastest precision that trains as well as
+float32: on a GPU, bf16 where its tensor cores do bf16 (compute capability 8.0 and up:
+A100, H100, RTX 30xx/40xx), float16 with loss scaling where they do float16 only (7.x:
+V100, T4, RTX 20xx), float32 on older or unidentified GPUs; on a CPU, bf16 where it has
+bf16 arithmetic, else float32. Under ``mixed_float16`` Keras wraps the optimizer in a
+``LossScaleOptimizer`` when the model is compiled, so that small gradients do not vanish
+in float16."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from tf_bus.config import ConfigError
+from tf_bus.config import PRECISIONS, ConfigError
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
@@ -38,16 +46,44 @@ def onednn_enabled() -> bool | None:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def resolve_precision(name: str) -> str:
-    """``auto`` -> ``mixed_bfloat16`` on a GPU or a CPU with native bf16, else ``float32``."""
-    if name == "auto":
-        import tensorflow as tf
+POLICIES = tuple(p for p in PRECISIONS if p != "auto")  # Keras dtype policies
 
-        if tf.config.list_physical_devices("GPU") or cpu_has_native_bf16():
+
+def gpu_compute_capabilities() -> list[tuple[int, int] | None]:
+    """The CUDA compute capability of every visible GPU, None where TensorFlow does not
+    report one (e.g. a ROCm build); an empty list without GPUs."""
+    import tensorflow as tf
+
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        except (RuntimeError, ValueError):
+            cc = None
+        capabilities.append(tuple(int(v) for v in cc) if cc else None)
+    return capabilities
+
+
+def auto_precision(gpu_capabilities: list[tuple[int, int] | None], cpu_bf16: bool) -> str:
+    """What ``auto`` means on a machine with these GPUs (their compute capabilities, as
+    ``gpu_compute_capabilities`` gives them) and this CPU; with several GPUs the oldest
+    decides, since every replica runs the same precision."""
+    if gpu_capabilities:
+        if any(cc is None for cc in gpu_capabilities):
+            return "float32"
+        oldest = min(gpu_capabilities)
+        if oldest >= (8, 0):
             return "mixed_bfloat16"
-        return "float32"
-    if name not in ("float32", "mixed_bfloat16"):
-        raise ConfigError(f"`precision` must be auto, float32 or mixed_bfloat16. Received: precision={name!r}")
+        return "mixed_float16" if oldest >= (7, 0) else "float32"
+    return "mixed_bfloat16" if cpu_bf16 else "float32"
+
+
+def resolve_precision(name: str) -> str:
+    """``auto`` -> ``auto_precision`` for this machine; the other names are checked and returned."""
+    if name == "auto":
+        return auto_precision(gpu_compute_capabilities(), cpu_has_native_bf16())
+    if name not in POLICIES:
+        raise ConfigError(f"`precision` must be auto, {', '.join(POLICIES)}. Received: precision={name!r}")
     return name
 
 
