@@ -52,6 +52,8 @@ def test_run_dir_contents(tiny_run):
     assert cfg == tiny_config(profile_batches=(1, 2)) and record["precision"] == resolve_precision("auto")
     # conftest imports tf_bus before TensorFlow, as `tf-bus` does: oneDNN is on.
     assert record["onednn"] is True and record["tensorflow_version"] == tf.__version__
+    # The hardware `auto` decided on: one "major.minor" (or null) per visible GPU.
+    assert len(record["gpu_compute_capabilities"]) == len(tf.config.list_physical_devices("GPU"))
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_dice" in rows[0]
     assert summary["epochs_run_in_this_fit"] == 2 and 0 <= summary["best_val_dice"] <= 1

@@ -73,10 +73,12 @@ def software_record(model: keras.Model) -> dict[str, Any]:
     import tensorflow as tf
 
     import tf_bus
-    from tf_bus.training.precision import onednn_enabled
+    from tf_bus.training.precision import gpu_compute_capabilities, onednn_enabled
 
+    gpus = [f"{cc[0]}.{cc[1]}" if cc else None for cc in gpu_compute_capabilities()]  # what `auto` decided on
     return {"tf_bus_version": tf_bus.__version__, "keras_version": keras.__version__,
-            "tensorflow_version": tf.__version__, "onednn": onednn_enabled(), "parameters": model.count_params()}
+            "tensorflow_version": tf.__version__, "onednn": onednn_enabled(), "gpu_compute_capabilities": gpus,
+            "parameters": model.count_params()}
 
 
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
