@@ -162,6 +162,13 @@ def test_classifier_training_benchmark_prints_json():
     assert abs(res["bf16_speedup"] - ratio) <= 0.01 * ratio + 0.002
 
 
+def test_classifier_training_benchmark_runs_with_onednn_off():
+    # The flag is applied before TensorFlow is imported: checking --precisions must not import it first.
+    out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
+                        "--precisions", "float32", "--batch", "2", "--steps", "1", "--onednn", "off")
+    assert out["onednn_active"] is False and out["results"]["resnet50"]["float32"]["train_images_per_s"] > 0
+
+
 def test_classifier_training_benchmark_times_fused_against_keras_batch_norm():
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
                         "--precisions", "float32", "--batch", "2", "--steps", "1", "--batch-norm", "both")

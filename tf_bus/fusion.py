@@ -347,7 +347,7 @@ def fuse(segmenter_cv, classifier_cv, out_dir, *, presence_cv=None, data=None, t
     folds = np.array([r["fold"] for r in rows])
     resnet = np.array([r["probabilities"] for r in rows], np.float64)
     desc = np.array([r["descriptors"] + r.get("presence", []) for r in rows], np.float64)  # the U-Nets' features
-    feature_names = list(FEATURE_NAMES[:len(FEATURE_NAMES) - (0 if pres is not None else len(PRESENCE_NAMES))])
+    feature_names = list(FEATURE_NAMES if pres is not None else FEATURE_NAMES[:-len(PRESENCE_NAMES)])
     fit = dict(trees=trees, depth=depth, learning_rate=learning_rate, seed=seed)
     fused = _out_of_fold(features(resnet, desc), y, folds, **fit)
     descriptors_only = _out_of_fold(desc, y, folds, **fit)
