@@ -115,3 +115,43 @@ def test_the_checker_catches_a_wrong_flag():
     (_, argv), = tf_bus_invocations("```bash\nX=1 nohup tf-bus train-segmenter --data D --out R \\\n  --image-size 12,a &\n```\n")
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of `text` (fenced blocks left out): lower case,
+    every character but letters, digits, spaces, '-' and '_' dropped, spaces turned into '-',
+    and '-1', '-2', ... appended to repeats."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    anchors: set[str] = set()
+    for m in re.finditer(r"^#{1,6} +(.+?) *$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+        candidate, n = slug, 0
+        while candidate in anchors:
+            n += 1
+            candidate = f"{slug}-{n}"
+        anchors.add(candidate)
+    return anchors
+
+
+LINKS = sorted(set(re.findall(r"\]\(#([^)\s]+)\)", README)))
+
+
+def test_the_readme_links_to_its_own_sections():
+    assert len(LINKS) >= 10, LINKS
+
+
+@pytest.mark.parametrize("anchor", LINKS)
+def test_every_readme_section_link_has_its_heading(anchor):
+    assert anchor in heading_anchors(README), f"README links to #{anchor}, which no heading makes"
+
+
+@pytest.mark.parametrize("heading, anchor", [
+    ("## Profiling & diagnostics", "profiling--diagnostics"),
+    ("### Lesion-aware classification (`tf-bus fuse`)", "lesion-aware-classification-tf-bus-fuse"),
+    ("## S3 staging (AWS S3, MinIO, Ceph, Swift)", "s3-staging-aws-s3-minio-ceph-swift"),
+    ("## Results\n## Results", "results-1"),
+    ("```bash\n# not a heading\n```\n## Real", "real"),
+])
+def test_heading_anchors_follow_githubs_rule(heading, anchor):
+    assert anchor in heading_anchors(heading)
+    assert "not-a-heading" not in heading_anchors(heading)
