@@ -271,6 +271,56 @@ def test_an_unfinished_run_resumes_only_with_the_config_it_was_started_with(cls,
             check_run_dir(tmp_path, record, overwrite=False, config_class=cls)
 
 
+SEG = {"config": {"depth": 5, "loss": "bce_dice"}, "data": "/data"}
+CLF = {"config": {"backbone": "resnet50"}, "data": "/data"}
+
+
+@pytest.mark.parametrize("text, expected, kind, message", [
+    (json.dumps(SEG), None, "segmenter", None),
+    (json.dumps(CLF), None, "classifier", None),
+    (json.dumps(SEG), "segmenter", "segmenter", None),
+    (json.dumps(CLF), "classifier", "classifier", None),
+    (json.dumps({**SEG, "kind": "classifier"}), None, "classifier", None),  # `kind` wins over the guess
+    (None, "segmenter", None, r"config.json: missing; is .* a `tf-bus train-segmenter` run folder\?"),
+    (None, None, None, r"config.json: missing; is .* a `tf-bus train-segmenter` or `train-classifier` run folder"),
+    ("{not json", "classifier", None, r"config.json: cannot be read as JSON .*train-classifier"),
+    (json.dumps([1, 2]), None, None, r'has no "config" object'),
+    (json.dumps({"data": "/d"}), "segmenter", None, r'has no "config" object'),
+    (json.dumps({**SEG, "kind": "fusion"}), None, None, r"kind 'fusion' is not a training run's"),
+    (json.dumps(SEG), "classifier", None,
+     r"holds a `tf-bus train-segmenter` run, not a train-classifier one; evaluate it with `tf-bus evaluate-segmenter`"),
+    (json.dumps(CLF), "segmenter", None, r"holds a `tf-bus train-classifier` run.*`tf-bus evaluate-classifier`"),
+    (json.dumps({**SEG, "kind": "segmenter", "folds": 5}), "segmenter", None,
+     r"is a 5-fold cross-validation of the segmenter; its models are in .*/fold_0 to fold_4\. Pass one fold"),
+    (json.dumps({**CLF, "kind": "classifier", "folds": 3}), None, None, r"3-fold cross-validation of the classifier"),
+])
+def test_run_folders_are_read_or_refused_naming_the_fix(text, expected, kind, message, tmp_path):
+    from tf_bus.training.common import read_run_record
+
+    if text is not None:
+        (tmp_path / "config.json").write_text(text)
+    if message is None:
+        assert read_run_record(tmp_path, expected) == (kind, json.loads(text))
+    else:
+        with pytest.raises(TfBusError, match=message):
+            read_run_record(tmp_path, expected)
+
+
+@pytest.mark.parametrize("argv, record, message", [
+    (["evaluate-classifier", "{run}", "--data", "{run}"], SEG, "evaluate it with `tf-bus evaluate-segmenter`"),
+    (["evaluate-segmenter", "{run}", "--data", "{run}"], CLF, "evaluate it with `tf-bus evaluate-classifier`"),
+    (["export", "{run}", "--model-base-path", "{run}/m", "--name", "x"], {**SEG, "kind": "segmenter", "folds": 5},
+     "Pass one fold's folder here"),
+])
+def test_commands_refuse_the_wrong_run_folder_in_one_line(argv, record, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", *[a.format(run=tmp_path) for a in argv]],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"], "nothing written"
+
+
 def test_lesion_only_is_the_default():
     assert SegmenterConfig().lesion_only is True
 

@@ -391,8 +391,6 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
         checkpoint: ``best`` (the run's best ``monitor`` epoch; ``last.keras`` if there is none) or
             ``last`` (the weights at the end of training).
     """
-    import json
-
     import keras
     import tensorflow as tf
 
@@ -401,12 +399,10 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
     from tf_bus.data.pipeline import classification_dataset
     from tf_bus.io import write_json_atomic
     from tf_bus.training.classification import loader_config
+    from tf_bus.training.common import read_run_record
 
     run_dir = Path(run_dir)
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a `tf-bus train-classifier` run?") from None
+    _, record = read_run_record(run_dir, expected="classifier")
     cfg = ClassifierConfig.from_dict(record["config"])
     if checkpoint not in ("best", "last"):
         raise TfBusError(f"`checkpoint` must be best or last. Received: checkpoint={checkpoint!r}")

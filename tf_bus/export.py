@@ -46,6 +46,7 @@ from tf_bus.config import CLASS_NAMES
 from tf_bus.data.busi import TfBusError
 from tf_bus.descriptors import largest_component_tf
 from tf_bus.io import write_json_atomic
+from tf_bus.training.common import read_run_record
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_TENSOR = "predict_tensor"
@@ -62,11 +63,7 @@ def check_model_name(name: str) -> str:
 def read_run(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model]:
     """(kind, config.json record, best model) of a train-segmenter or train-classifier run."""
     run_dir = Path(run_dir)
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise TfBusError(f"{run_dir}/config.json: missing; is {run_dir} a train-segmenter or train-classifier run?") from None
-    kind = "classifier" if "backbone" in record.get("config", {}) else "segmenter"
+    kind, record = read_run_record(run_dir)
     import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
 
     for name in ("best.keras", "last.keras"):

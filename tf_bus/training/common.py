@@ -81,6 +81,41 @@ def software_record(model: keras.Model) -> dict[str, Any]:
             "parameters": model.count_params()}
 
 
+RUN_KINDS = ("segmenter", "classifier")
+
+
+def read_run_record(run_dir: str | Path, expected: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(kind, ``config.json`` record) of one ``tf-bus train-segmenter`` or ``train-classifier``
+    run folder. Refuses in one line, naming the folder and the fix: a folder without a
+    readable ``config.json``, a ``--folds K`` cross-validation folder (its models are in
+    ``fold_0`` ...), and, when ``expected`` names a kind, a run of the other kind."""
+    run_dir = Path(run_dir)
+    file = run_dir / "config.json"
+    what = f"`tf-bus train-{expected}`" if expected else "`tf-bus train-segmenter` or `train-classifier`"
+    try:
+        record = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise TfBusError(f"{file}: missing; is {run_dir} a {what} run folder?") from None
+    except (OSError, ValueError) as e:
+        raise TfBusError(f"{file}: cannot be read as JSON ({e}); is {run_dir} a {what} run folder?") from None
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict):
+        raise TfBusError(f"{file}: has no \"config\" object; is {run_dir} a {what} run folder?")
+    kind = record.get("kind") or ("classifier" if "backbone" in config else "segmenter")
+    if "folds" in record:
+        k = record["folds"]
+        raise TfBusError(
+            f"{run_dir}: is a {k}-fold cross-validation of the {kind}; its models are in {run_dir}/fold_0 to "
+            f"fold_{int(k) - 1}. Pass one fold's folder here, or the whole folder to `tf-bus compare` or "
+            "`tf-bus fuse`.")
+    if kind not in RUN_KINDS:
+        raise TfBusError(f"{file}: kind {kind!r} is not a training run's; is {run_dir} a {what} run folder?")
+    if expected is not None and kind != expected:
+        raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind}` run, not a train-{expected} one; "
+                         f"evaluate it with `tf-bus evaluate-{kind}`.")
+    return kind, record
+
+
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
                   outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json"),
                   config_class: Any = None) -> bool:

@@ -33,7 +33,7 @@ from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import DeepSupervision, UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
 from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
-                                    software_record)
+                                    read_run_record, software_record)
 from tf_bus.training.precision import precision_policy
 
 
@@ -229,11 +229,7 @@ def train_segmenter(
 
 def load_run_config(run_dir: str | os.PathLike) -> tuple[SegmenterConfig, dict[str, Any]]:
     """The SegmenterConfig (and the whole record) saved in RUN_DIR/config.json."""
-    p = Path(run_dir) / "config.json"
-    try:
-        record = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise TfBusError(f"{p}: missing; is {run_dir} a `tf-bus train-segmenter` run folder?") from None
+    _, record = read_run_record(run_dir, expected="segmenter")
     return SegmenterConfig.from_dict(record["config"]), record
 
 
