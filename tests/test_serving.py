@@ -295,6 +295,31 @@ def test_new_version_is_loaded_and_old_unloaded_without_failing_requests(tiny_ru
     assert 2 in versions
 
 
+def test_a_base_path_without_versions_is_warned_about_once_in_tf_servings_words(tmp_path, caplog):
+    from tf_bus.serving.core import ModelManager, single_model_config
+
+    base = tmp_path / "m"
+    manager = ModelManager(single_model_config("m", str(base)), poll_seconds=0)
+
+    def warnings_after_polls(n=3):
+        caplog.clear()
+        for _ in range(n):
+            manager.poll_once()
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    with caplog.at_level("WARNING", logger="tf_bus.serving"):
+        assert warnings_after_polls() == [f"Could not find base path {base} for servable m with error NOT_FOUND: "
+                                          f"{base} not found"]
+        (base / "1").mkdir(parents=True)  # a version folder with nothing exported into it
+        assert warnings_after_polls() == [f"No versions of servable m found under base path {base}. Did you forget to "
+                                          "name your leaf directory as a number (eg. '/1/')? (numbered folders "
+                                          "without a saved_model.pb: 1)"]
+        write_half_plus_two(base / "2")
+        assert warnings_after_polls() == [] and manager.resolve("m").version == 2
+        shutil.rmtree(base / "2")
+        assert len(warnings_after_polls()) == 1, "warned again when the versions are gone"
+
+
 def test_server_side_batching_joins_concurrent_requests(base):
     (base / "batching.config").write_text("max_batch_size { value: 16 } batch_timeout_micros { value: 20000 } "
                                           "num_batch_threads { value: 1 }")

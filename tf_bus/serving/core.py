@@ -9,6 +9,9 @@
   loaded and becomes current, then versions the policy no longer wants are dropped.
   A request holds its own reference to the version it resolved, so unloading never
   breaks an in-flight request (availability-preserving, as TF Serving's default policy).
+- A base path that is missing or holds no numbered SavedModel folder is logged as a
+  warning in TF Serving's words, once each time that starts or changes (TF Serving
+  repeats it at every poll).
 - Errors are ``ServingError(code, message)`` with TF Serving's codes and messages.
 """
 
@@ -76,6 +79,7 @@ class ModelState:
     loaded: dict[int, Servable] = field(default_factory=dict)
     # version -> (state name, error message): LOADING, AVAILABLE, UNLOADING, END
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
+    problem: str | None = None  # why base_path offers no version, last logged
 
 
 def parse_model_config_file(path: str | os.PathLike):
@@ -108,6 +112,19 @@ def available_versions(base_path: str) -> list[int]:
         return []
     return sorted(int(d.name) for d in p.iterdir()
                   if d.name.isdigit() and d.is_dir() and (d / "saved_model.pb").exists())
+
+
+def base_path_problem(name: str, base_path: str, on_disk: list[int]) -> str | None:
+    """Why ``base_path`` offers no version to load, in TF Serving's words; None when it does."""
+    if on_disk:
+        return None
+    p = Path(base_path)
+    if not p.is_dir():
+        return f"Could not find base path {base_path} for servable {name} with error NOT_FOUND: {base_path} not found"
+    empty = sorted((d.name for d in p.iterdir() if d.name.isdigit() and d.is_dir()), key=int)
+    hint = f" (numbered folders without a saved_model.pb: {', '.join(empty)})" if empty else ""
+    return (f"No versions of servable {name} found under base path {base_path}. Did you forget to name your leaf "
+            f"directory as a number (eg. '/1/')?{hint}")
 
 
 def aspired_versions(model_config, on_disk: list[int]) -> list[int]:
@@ -163,7 +180,13 @@ class ModelManager:
     def poll_once(self) -> None:
         """Loads aspired versions not yet loaded, then drops versions no longer aspired."""
         for name, state in list(self._models.items()):
-            want = aspired_versions(state.config, available_versions(state.config.base_path))
+            on_disk = available_versions(state.config.base_path)
+            problem = base_path_problem(name, state.config.base_path, on_disk)
+            if problem != state.problem:  # logged when it starts or changes, not at every poll
+                if problem:
+                    log.warning("%s", problem)
+                state.problem = problem
+            want = aspired_versions(state.config, on_disk)
             for v in want:
                 if v in state.loaded:
                     continue
