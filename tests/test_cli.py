@@ -60,6 +60,10 @@ ERRORS = [
      "`deep_supervision` must be 0 (off) or within 1..depth-1 = 1..4"),
     (["train-segmenter", "--data", "{release}", "--out", "{tmp}/r", "--copy-paste", "1.5"],
      "`copy_paste` must be a probability in [0, 1]"),
+    # Refused after the trainer made its RUN_DIR (and a parent): the empty folders go again.
+    (["train-segmenter", "--data", "{missing}", "--out", "{tmp}/r/deep"], "no such directory"),
+    (["train-classifier", "--data", "{release}", "--out", "{tmp}/r/deep", "--weights", "{tmp}/none.h5"],
+     "no such weights file"),
 ]
 
 

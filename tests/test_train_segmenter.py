@@ -321,6 +321,37 @@ def test_commands_refuse_the_wrong_run_folder_in_one_line(argv, record, message,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"], "nothing written"
 
 
+@pytest.mark.parametrize("existed, writes, kept", [
+    (False, [], False),  # a refused run: no empty RUN_DIR is left
+    (False, ["logs/"], False),  # only empty folders: removed too
+    (False, ["config.json"], True),  # it wrote something: kept as it is
+    (False, ["logs/train/events"], True),
+    (True, [], True),  # the folder was there before: kept
+])
+def test_a_failed_run_leaves_no_empty_run_dir_and_never_removes_files(existed, writes, kept, tmp_path):
+    from tf_bus.training.common import leaves_no_empty_run_dir
+
+    run_dir = tmp_path / "made" / "by" / "run"
+    if existed:
+        run_dir.mkdir(parents=True)
+
+    @leaves_no_empty_run_dir
+    def train(data, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in writes:
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            if not name.endswith("/"):
+                (run_dir / name).write_text("x")
+        raise TfBusError("refused")
+
+    with pytest.raises(TfBusError, match="refused"):
+        train("data", run_dir)
+    assert run_dir.exists() == kept
+    assert (tmp_path / "made").exists() == kept, "the parents the run made go with it"
+    for name in writes:
+        assert (run_dir / name).exists() == kept
+
+
 def test_lesion_only_is_the_default():
     assert SegmenterConfig().lesion_only is True
 

@@ -27,8 +27,8 @@ from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, Lo
 from tf_bus.io import write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, TimeBudget
-from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
-                                    software_record)
+from tf_bus.training.common import (build_before_fit, check_run_dir, leaves_no_empty_run_dir, make_optimizer,
+                                    op_determinism, ordered, software_record)
 from tf_bus.training.precision import precision_policy
 
 
@@ -165,6 +165,7 @@ def compile_classifier(model: keras.Model, config: ClassifierConfig, lr: float, 
         build_before_fit(model)
 
 
+@leaves_no_empty_run_dir
 def train_classifier(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,31 @@ import keras
 
 from tf_bus.data.busi import TfBusError
 from tf_bus.models.schedules import BudgetedCosine
+
+
+def leaves_no_empty_run_dir(train: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a trainer ``train(data, run_dir, ...)``: when it fails and ``run_dir`` did
+    not exist before the call, the empty folders it left there (and the parents it made)
+    are removed, so a run refused for its data, weights or settings leaves no empty RUN_DIR
+    behind. Files are never removed: a run that wrote anything (a config, a checkpoint, a
+    backup) stays as it is, and so does a folder that existed before."""
+
+    @functools.wraps(train)
+    def wrapper(data, run_dir, *args, **kwargs):
+        new = Path(run_dir).expanduser().resolve()  # the outermost folder this call may create
+        existed = new.exists()
+        while not existed and not new.parent.exists():
+            new = new.parent
+        try:
+            return train(data, run_dir, *args, **kwargs)
+        except BaseException:
+            if not existed and new.is_dir():
+                for folder, _, _ in sorted(os.walk(new), key=lambda entry: -len(entry[0])):
+                    with contextlib.suppress(OSError):  # not empty: kept
+                        os.rmdir(folder)
+            raise
+
+    return wrapper
 
 
 def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epochs: int,

@@ -32,8 +32,8 @@ from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import DeepSupervision, UNet
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, MaskOverlays, TimeBudget
-from tf_bus.training.common import (build_before_fit, check_run_dir, make_optimizer, op_determinism, ordered,
-                                    read_run_record, software_record)
+from tf_bus.training.common import (build_before_fit, check_run_dir, leaves_no_empty_run_dir, make_optimizer,
+                                    op_determinism, ordered, read_run_record, software_record)
 from tf_bus.training.precision import precision_policy
 
 
@@ -108,6 +108,7 @@ def training_model(config: SegmenterConfig, unet: UNet) -> keras.Model:
         else unet
 
 
+@leaves_no_empty_run_dir
 def train_segmenter(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,
