@@ -166,3 +166,34 @@ def test_bad_roots_raise_clear_errors(what, message, tmp_path):
         path.mkdir()
     with pytest.raises(TfBusError, match=message):
         find_release_root(path)
+
+
+@pytest.mark.parametrize("given, expected", [
+    (["folder"], ["folder/case 2.png", "folder/case 10.JPG", "folder/scan.bmp"]),  # natural order, no masks
+    (["folder/case 10_mask.png"], ["folder/case 10_mask.png"]),  # a file named explicitly is read as it is
+    (["one.png", "folder", "one.png"], ["one.png", "folder/case 2.png", "folder/case 10.JPG", "folder/scan.bmp",
+                                         "one.png"]),
+])
+def test_image_arguments_expand_folders_to_their_images(given, expected, tmp_path):
+    from tf_bus.data.busi import image_files
+
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("case 10.JPG", "case 2.png", "case 2_mask.png", "case 10_mask.png", "case 10_mask_1.png",
+                 "scan.bmp", "notes.txt", "sub/deeper.png"):
+        (folder / name).write_bytes(b"x")
+    (tmp_path / "one.png").write_bytes(b"x")
+    assert image_files([tmp_path / g for g in given]) == [tmp_path / e for e in expected]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such image file or folder"),
+    (lambda p: p.mkdir(), "a folder without images; it should hold png/jpg/jpeg/bmp files other than masks"),
+    (lambda p: (p.mkdir(), (p / "a_mask.png").write_bytes(b"x")), "a folder without images"),
+])
+def test_image_arguments_that_name_no_image_are_refused(make, message, tmp_path):
+    from tf_bus.data.busi import image_files
+
+    make(tmp_path / "x")
+    with pytest.raises(TfBusError, match=message):
+        image_files([tmp_path / "x"])

@@ -331,10 +331,15 @@ def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthe
     unknown.save(older / "fusion_model.json")
     with pytest.raises(TfBusError, match="takes spiculation, which this tf-bus does not measure"):
         predict_fused(older, paths[:1])
-    r = _cli("fuse-predict", fused, paths[0])
+    folder = tmp_path / "to_classify"  # a folder: its image, not its mask
+    folder.mkdir()
+    shutil.copy(paths[0], folder)
+    shutil.copy(paths[0].with_name(f"{paths[0].stem}_mask.png"), folder)
+    r = _cli("fuse-predict", fused, folder)
     assert r.returncode == 0, r.stderr[-3000:]
     [line] = r.stdout.splitlines()
     assert json.loads(line)["class"] in CLASS_NAMES and "folds" not in json.loads(line)
+    assert json.loads(line)["image"] == str(folder / paths[0].name)
     r = _cli("fuse-predict", fused, paths[0].with_name("nope.png"))
     assert r.returncode == 2 and "nope.png: no such image file" in r.stderr and "Traceback" not in r.stderr
     moved = tmp_path / "moved"

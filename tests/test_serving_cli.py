@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ def test_serve_and_predict_processes(tiny_runs, tmp_path):
             assert r.returncode == 0, r.stderr
             line = json.loads(r.stdout.strip().splitlines()[-1])
             assert Image.open(line["mask"]).size == (48, 40) and Image.open(line["overlay"]).size == (48, 40)
+        # A folder: its images in natural order, its masks left out, two requests of at most 2 images.
+        folder = tmp_path / "benign"
+        folder.mkdir()
+        for i in (10, 2, 1):
+            Image.new("L", (40, 30 + i), 100 + i).save(folder / f"benign ({i}).png")
+            Image.new("L", (40, 30 + i), 0).save(folder / f"benign ({i})_mask.png")
+
+        def requests_counted():
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/monitoring/prometheus/metrics").read()
+            return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.decode().splitlines()
+                       if line.startswith(':tensorflow:serving:request_count{protocol="rest",model_name="busi_classifier"'))
+
+        before = requests_counted()
+        r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "predict", str(folder), "--batch-size", "2",
+                            "--server", f"127.0.0.1:{ports[1]}", "--protocol", "rest", "--model", "busi_classifier"],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+        assert [Path(line["image"]).name for line in lines] == ["benign (1).png", "benign (2).png", "benign (10).png"]
+        assert requests_counted() - before == 2
         r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "predict", str(img), "--server", f"127.0.0.1:{ports[1]}",
                             "--protocol", "rest", "--model", "nope"], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 2 and "404: Servable not found for request: Latest(nope)" in r.stderr

@@ -750,7 +750,9 @@ def _add_fuse_predict(sub) -> None:
                                    "fusion trees (fusion_model.json) give fused probabilities, and the folds' "
                                    "fused probabilities are averaged. Prints one JSON line per image.")
     p.add_argument("fused_dir", metavar="FUSED_DIR", help="the --out folder of `tf-bus fuse`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/BMP files")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PNG/JPEG/BMP files, or folders of them (not recursing; files named like BUSI masks, "
+                        "<name>_mask.png, are left out of a folder)")
     p.add_argument("--folds", action="store_true",
                    help="also print each fold's ResNet probabilities, descriptors, presence descriptors (with a "
                         "presence U-Net) and fused probabilities")
@@ -760,7 +762,9 @@ def _add_fuse_predict(sub) -> None:
 def _cmd_fuse_predict(args) -> int:
     from tf_bus.fusion import predict_fused
 
-    for row in predict_fused(args.fused_dir, args.images):
+    from tf_bus.data.busi import image_files
+
+    for row in predict_fused(args.fused_dir, image_files(args.images)):
         if not args.folds:
             row.pop("folds")
         print(json.dumps(row))
@@ -856,10 +860,15 @@ def _cmd_serve(args) -> int:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="query a served model with image files (REST or gRPC)",
-                       description="Send IMAGE files to a tf-bus model served by TF Serving or `tf-bus serve` and print "
-                                   "one JSON line per image: class probabilities (classifier) or the lesion area "
-                                   "(segmenter, whose mask and overlay PNGs go to --out).")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/BMP files")
+                       description="Send IMAGE files (or folders of them) to a tf-bus model served by TF Serving or "
+                                   "`tf-bus serve`, --batch-size images a request, and print one JSON line per "
+                                   "image: class probabilities (classifier) or the lesion area (segmenter, whose "
+                                   "mask and overlay PNGs go to --out).")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PNG/JPEG/BMP files, or folders of them (not recursing; files named like BUSI masks, "
+                        "<name>_mask.png, are left out of a folder)")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per request; each request's lines are printed as it is answered (default: 16)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="the server (default: localhost:8500 for grpc, localhost:8501 for rest)")
     p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="API to use (default: grpc)")
@@ -876,36 +885,47 @@ def _cmd_predict(args) -> int:
     from tf_bus.data.busi import TfBusError
     from tf_bus.serving.client import ServingClientError, predict_images
 
-    images = []
-    for f in args.images:
-        try:
-            images.append(Path(f).read_bytes())
-        except OSError as e:
-            raise TfBusError(f"{f}: cannot read it ({e.strerror})") from None
+    from tf_bus.data.busi import image_files
+
+    files = image_files(args.images)
     server = args.server or ("localhost:8500" if args.protocol == "grpc" else "localhost:8501")
-    try:
-        out = predict_images(images, args.model, server=server, protocol=args.protocol, version=args.version,
-                             label=args.label, timeout=args.timeout)
-    except ServingClientError as e:
-        raise TfBusError(f"{server} ({args.protocol}) answered {e.status}: {e.message}") from None
-    except ValueError as e:
-        raise TfBusError(str(e)) from None
+    for start in range(0, len(files), args.batch_size):
+        batch = files[start:start + args.batch_size]
+        images = []
+        for f in batch:
+            try:
+                images.append(f.read_bytes())
+            except OSError as e:
+                raise TfBusError(f"{f}: cannot read it ({e.strerror})") from None
+        try:
+            out = predict_images(images, args.model, server=server, protocol=args.protocol, version=args.version,
+                                 label=args.label, timeout=args.timeout)
+        except ServingClientError as e:
+            raise TfBusError(f"{server} ({args.protocol}) answered {e.status}: {e.message}") from None
+        except ValueError as e:
+            raise TfBusError(str(e)) from None
+        _print_predictions(batch, images, out, Path(args.out or "predictions"))
+    return 0
+
+
+def _print_predictions(files: list[Path], images: list[bytes], out: dict, out_dir: Path) -> None:
+    """One JSON line per image of one answered request: the classes, or the lesion area
+    with the mask and overlay PNGs written to ``out_dir``."""
     if "probabilities" in out:
         from tf_bus.config import CLASS_NAMES
 
-        for f, probs, name in zip(args.images, out["probabilities"], out["class_names"]):
-            print(json.dumps({"image": f, "class": name.decode() if isinstance(name, bytes) else str(name),
-                              "probabilities": {c: round(float(p), 6) for c, p in zip(CLASS_NAMES, probs)}}))
-        return 0
+        for f, probs, name in zip(files, out["probabilities"], out["class_names"]):
+            print(json.dumps({"image": str(f), "class": name.decode() if isinstance(name, bytes) else str(name),
+                              "probabilities": {c: round(float(p), 6) for c, p in zip(CLASS_NAMES, probs)}}),
+                  flush=True)
+        return
     from tf_bus.serving.overlay import write_overlay
 
-    out_dir = Path(args.out or "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f, raw, png, area in zip(args.images, images, out["mask_png_bytes"], out["lesion_area_fraction"]):
-        mask_path, overlay_path = write_overlay(raw, png, out_dir, Path(f).stem)
-        print(json.dumps({"image": f, "lesion_area_fraction": round(float(area), 6), "mask": str(mask_path),
-                          "overlay": str(overlay_path)}))
-    return 0
+    for f, raw, png, area in zip(files, images, out["mask_png_bytes"], out["lesion_area_fraction"]):
+        mask_path, overlay_path = write_overlay(raw, png, out_dir, f.stem)
+        print(json.dumps({"image": str(f), "lesion_area_fraction": round(float(area), 6), "mask": str(mask_path),
+                          "overlay": str(overlay_path)}), flush=True)
 
 
 def _pair(kind):

@@ -244,6 +244,29 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
+def image_files(paths) -> list[Path]:
+    """The images that commands taking ``IMAGE...`` read: a file is itself; a folder gives
+    its image files (``IMAGE_EXTENSIONS``, not recursing, in natural order) without those
+    named like BUSI masks (``<name>_mask.png``, ``<name>_mask_1.png``), so a BUSI class
+    folder gives its ultrasound images. Refuses, naming it, a path that does not exist and
+    a folder without images."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found = sorted((f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not _MASK_RE.match(f.stem)), key=lambda f: _natural_key(f.name))
+            if not found:
+                raise TfBusError(f"{path}: a folder without images; it should hold "
+                                 f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} files other than masks.")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise TfBusError(f"{path}: no such image file or folder.")
+    return files
+
+
 def _open(path: str) -> tuple[Image.Image, str]:
     """Opens and fully decodes an image file, so that truncation is found here.
 
