@@ -246,6 +246,22 @@ def test_tf_bus_models_answer_the_same_over_rest_grpc_and_in_process(server, bas
         np.testing.assert_allclose(out["mask_probabilities"], want["mask_probabilities"].numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind, model", [("classifier", "busi_classifier"), ("segmenter", "busi_segmenter")])
+def test_a_run_predicted_in_process_answers_as_its_served_export(kind, model, server, tiny_runs):
+    from tf_bus.export import local_predictor
+
+    images = [png((40, 56), 3), png((36, 36, 3), 4), png((20, 30), 5)]
+    got_kind, local = local_predictor(tiny_runs[kind])
+    mine = local(images)
+    served = predict_images(images, model, server=f"127.0.0.1:{server.grpc_port}", protocol="grpc")
+    assert got_kind == kind and sorted(mine) == sorted(served)
+    for name, value in served.items():
+        if value.dtype == object:  # class names, mask PNGs
+            assert list(mine[name]) == list(value), name
+        else:
+            np.testing.assert_allclose(mine[name], value, atol=1e-6, err_msg=name)
+
+
 def test_prometheus_metrics(server):
     rest(server, "POST", "/v1/models/hp/versions/123:predict", {"instances": [1.0]})
     with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/monitoring/prometheus/metrics", timeout=30) as r:

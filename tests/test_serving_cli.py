@@ -142,3 +142,34 @@ def test_serve_and_predict_processes(tiny_runs, tmp_path):
         output = server.communicate(timeout=60)[0]
     assert server.returncode == 0, output[-3000:]
     assert "shutting down" in output
+
+
+@pytest.mark.slow
+def test_predict_a_run_without_a_server(tiny_runs, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in (1, 2):
+        Image.new("L", (44, 36), 60 * i).save(folder / f"case {i}.png")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def predict(*args):
+        return subprocess.run([sys.executable, "-m", "tf_bus.cli", "predict", *map(str, args)], capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    r = predict(folder, "--run", tiny_runs["segmenter"], "--out", tmp_path / "masks", "--batch-size", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["case 1.png", "case 2.png"]
+    for line in lines:
+        assert Image.open(line["mask"]).size == (44, 36) and 0 <= line["lesion_area_fraction"] <= 1
+    (folder / "notes.png").write_text("not an image")
+    for args, message in [
+        ((folder, "--run", tiny_runs["classifier"]), "notes.png: cannot be read as an image"),
+        ((folder,), "pass one of --model NAME (a served model) or --run RUN_DIR"),
+        ((folder, "--run", tiny_runs["classifier"], "--model", "m"), "pass one of --model NAME"),
+        ((folder, "--run", tmp_path), "config.json: missing"),
+    ]:
+        r = predict(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -872,7 +872,11 @@ def _add_predict(sub) -> None:
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="the server (default: localhost:8500 for grpc, localhost:8501 for rest)")
     p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="API to use (default: grpc)")
-    p.add_argument("--model", required=True, help="the model name on the server")
+    p.add_argument("--model", default=None, help="the model name on the server (or --run)")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="no server: run a train-segmenter or train-classifier RUN_DIR's best model in this process, "
+                        "through the signature `tf-bus export` would serve (its threshold and post-processing), "
+                        "and print the same lines (instead of --model)")
     p.add_argument("--version", type=_positive_int, default=None, help="a model version (default: the latest)")
     p.add_argument("--label", default=None, help="a version label such as stable (instead of --version)")
     p.add_argument("--out", default=None, metavar="DIR", help="segmenter: where to write <image>_mask.png and "
@@ -887,8 +891,14 @@ def _cmd_predict(args) -> int:
 
     from tf_bus.data.busi import image_files
 
+    if (args.model is None) == (args.run is None):
+        raise TfBusError("pass one of --model NAME (a served model) or --run RUN_DIR (a run, in this process).")
     files = image_files(args.images)
     server = args.server or ("localhost:8500" if args.protocol == "grpc" else "localhost:8501")
+    if args.run is not None:
+        from tf_bus.export import local_predictor
+
+        _, local = local_predictor(args.run)
     for start in range(0, len(files), args.batch_size):
         batch = files[start:start + args.batch_size]
         images = []
@@ -897,15 +907,36 @@ def _cmd_predict(args) -> int:
                 images.append(f.read_bytes())
             except OSError as e:
                 raise TfBusError(f"{f}: cannot read it ({e.strerror})") from None
-        try:
-            out = predict_images(images, args.model, server=server, protocol=args.protocol, version=args.version,
-                                 label=args.label, timeout=args.timeout)
-        except ServingClientError as e:
-            raise TfBusError(f"{server} ({args.protocol}) answered {e.status}: {e.message}") from None
-        except ValueError as e:
-            raise TfBusError(str(e)) from None
+        if args.run is not None:
+            out = _predict_locally(local, batch, images)
+        else:
+            try:
+                out = predict_images(images, args.model, server=server, protocol=args.protocol,
+                                     version=args.version, label=args.label, timeout=args.timeout)
+            except ServingClientError as e:
+                raise TfBusError(f"{server} ({args.protocol}) answered {e.status}: {e.message}") from None
+            except ValueError as e:
+                raise TfBusError(str(e)) from None
         _print_predictions(batch, images, out, Path(args.out or "predictions"))
     return 0
+
+
+def _predict_locally(local, files: list[Path], images: list[bytes]) -> dict:
+    """``local(images)``; a file that is no image is named, as a server would refuse it."""
+    import tensorflow as tf
+
+    from tf_bus.data.busi import TfBusError
+    from tf_bus.data.pipeline import decode_image
+
+    try:
+        return local(images)
+    except tf.errors.OpError:
+        for f, raw in zip(files, images):
+            try:
+                decode_image(tf.constant(raw), 1)
+            except tf.errors.OpError:
+                raise TfBusError(f"{f}: cannot be read as an image; pass PNG, JPEG or BMP files.") from None
+        raise
 
 
 def _print_predictions(files: list[Path], images: list[bytes], out: dict, out_dir: Path) -> None:

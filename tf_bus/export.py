@@ -36,10 +36,12 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_bus.config import CLASS_NAMES
@@ -176,14 +178,42 @@ def export_run(
 
         return export_fused(run_dir, model_base_path, name, version)
     kind, record, model = read_run(run_dir)
+    threshold, postprocess = _mask_settings(run_dir, kind, record, threshold, postprocess)
+    return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
+                        source_run=str(Path(run_dir).resolve()))
+
+
+def _mask_settings(run_dir, kind: str, record: dict[str, Any], threshold: float | None,
+                   postprocess: str | None) -> tuple[float | None, str | None]:
+    """A segmenter's threshold and post-processing, where not given: RUN_DIR/threshold.json's
+    (from ``evaluate-segmenter --choose-threshold``), else the run's threshold and ``none``."""
     saved = Path(run_dir) / "threshold.json"
     choice = json.loads(saved.read_text()) if kind == "segmenter" and saved.exists() else {}
     if kind == "segmenter" and threshold is None:
         threshold = float(choice.get("threshold", record["config"].get("threshold", 0.5)))
     if kind == "segmenter" and postprocess is None:
         postprocess = choice.get("postprocess", "none")
-    return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
-                        source_run=str(Path(run_dir).resolve()))
+    return threshold, postprocess
+
+
+def local_predictor(run_dir: str | os.PathLike) -> tuple[str, Callable[[list[bytes]], dict[str, np.ndarray]]]:
+    """(kind, predict) for RUN_DIR without a server: ``predict(encoded_images)`` runs the very
+    ``serving_default`` function that ``export_run(run_dir, ...)`` would serve (same decoding,
+    resizing, threshold and post-processing) in this process and returns its outputs as
+    NumPy arrays, as TF Serving would answer them."""
+    if (Path(run_dir) / "fusion_model.json").is_file():
+        raise TfBusError(f"{run_dir}: is a `tf-bus fuse` result; classify images with `tf-bus fuse-predict "
+                         f"{run_dir} IMAGE...`.")
+    kind, record, model = read_run(run_dir)
+    threshold, postprocess = _mask_settings(run_dir, kind, record, None, None)
+    serve, _, bytes_spec, _ = _signatures(kind, model, threshold if threshold is not None else 0.5,
+                                          postprocess or "none")
+    serve = tf.function(serve, input_signature=bytes_spec)
+
+    def predict(images: list[bytes]) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in serve(tf.constant(images, tf.string)).items()}
+
+    return kind, predict
 
 
 def export_model(
