@@ -170,6 +170,7 @@ def test_predict_a_run_without_a_server(tiny_runs, tmp_path):
         ((folder,), "pass one of --model NAME (a served model) or --run RUN_DIR"),
         ((folder, "--run", tiny_runs["classifier"], "--model", "m"), "pass one of --model NAME"),
         ((folder, "--run", tmp_path), "config.json: missing"),
+        ((folder, "--run", tiny_runs["classifier"], "--label", "stable"), "leave them out with --run"),
     ]:
         r = predict(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

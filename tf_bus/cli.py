@@ -760,9 +760,8 @@ def _add_fuse_predict(sub) -> None:
 
 
 def _cmd_fuse_predict(args) -> int:
-    from tf_bus.fusion import predict_fused
-
     from tf_bus.data.busi import image_files
+    from tf_bus.fusion import predict_fused
 
     for row in predict_fused(args.fused_dir, image_files(args.images)):
         if not args.folds:
@@ -886,13 +885,13 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from tf_bus.data.busi import TfBusError
+    from tf_bus.data.busi import TfBusError, image_files
     from tf_bus.serving.client import ServingClientError, predict_images
-
-    from tf_bus.data.busi import image_files
 
     if (args.model is None) == (args.run is None):
         raise TfBusError("pass one of --model NAME (a served model) or --run RUN_DIR (a run, in this process).")
+    if args.run is not None and (args.version is not None or args.label is not None):
+        raise TfBusError("--version and --label pick a served model's version; leave them out with --run.")
     files = image_files(args.images)
     server = args.server or ("localhost:8500" if args.protocol == "grpc" else "localhost:8501")
     if args.run is not None:
