@@ -465,6 +465,7 @@ def load_fused(fused_dir) -> FusedModels:
 
     import tf_bus.models  # noqa: F401  (registers the custom objects the .keras files name)
     from tf_bus.config import ClassifierConfig
+    from tf_bus.training.common import read_run_record
     from tf_bus.training.segmentation import load_best_model, load_run_config
 
     fused_dir = Path(fused_dir).expanduser().resolve()
@@ -494,7 +495,7 @@ def load_fused(fused_dir) -> FusedModels:
     for fold, threshold in sorted(thresholds.items()):
         seg_run, clf_run = seg_dir / f"fold_{fold}", clf_dir / f"fold_{fold}"
         seg_cfg, _ = load_run_config(seg_run)
-        clf_cfg = ClassifierConfig.from_dict(json.loads((clf_run / "config.json").read_text())["config"])
+        clf_cfg = ClassifierConfig.from_dict(read_run_record(clf_run, expected="classifier")[1]["config"])
         weights = clf_run / "best.keras" if (clf_run / "best.keras").exists() else clf_run / "last.keras"
         presence = None
         if pres_dir is not None:
