@@ -78,5 +78,6 @@ def test_serving_deployment_is_scaled_by_an_hpa_and_reads_the_shipped_configs():
     flags = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), True) for a in c["args"])
     for flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
         assert (REPO / "serving" / Path(flags[flag]).name).is_file(), flag  # the ConfigMap is made from serving/
+    assert flags["allow_version_labels_for_unavailable_models"] == "true"  # models.config's `stable` labels
     model = json.loads(json.dumps(c["readinessProbe"]))["httpGet"]["path"].rsplit("/", 1)[1]
     assert f'name: "{model}"' in (REPO / "serving" / "models.config").read_text()

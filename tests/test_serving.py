@@ -68,6 +68,7 @@ def base(tmp_path_factory, tiny_runs):
 def server(base):
     opts = ServerOptions(port=0, rest_api_port=free_port(), rest_api_host="127.0.0.1", grpc_host="127.0.0.1",
                          model_config_file=str(base / "models.config"), file_system_poll_wait_seconds=0,
+                         allow_version_labels_for_unavailable_models=True,
                          monitoring_config_file=str(base / "monitoring.config"), rest_api_max_body_bytes=1 << 20)
     srv = ModelServer(opts).start()
     assert srv.manager.wait_until_available(120)
@@ -341,6 +342,7 @@ def test_server_side_batching_joins_concurrent_requests(base):
                                           "num_batch_threads { value: 1 }")
     opts = ServerOptions(port=0, rest_api_port=free_port(), rest_api_host="127.0.0.1", grpc_host="127.0.0.1",
                          model_config_file=str(base / "models.config"), file_system_poll_wait_seconds=0,
+                         allow_version_labels_for_unavailable_models=True,
                          enable_batching=True, batching_parameters_file=str(base / "batching.config"))
     srv = ModelServer(opts).start()
     assert srv.manager.wait_until_available(120)

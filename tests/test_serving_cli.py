@@ -51,6 +51,9 @@ def test_docker_compose_runs_the_official_image_over_these_configs():
     for flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
         assert (REPO / "serving" / Path(flags[flag]).name).is_file(), flag
     assert flags["enable_batching"] is True and flags["port"] == "8500" and flags["rest_api_port"] == "8501"
+    # models.config labels versions, which tensorflow_model_server refuses at startup without this
+    assert "version_labels" in (REPO / "serving/models.config").read_text()
+    assert flags["allow_version_labels_for_unavailable_models"] == "true"
     assert "minio" in compose["services"] and (REPO / "docker/Dockerfile").is_file()
 
 
@@ -63,6 +66,29 @@ def test_docker_compose_minio_is_what_the_stage_commands_are_pointed_at():
     assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
         minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"])
     assert "local/busi" in setup["command"][0] and setup["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], (False, False, 0.0)),
+    (["--enable_batching", "--allow_version_labels_for_unavailable_models"], (True, True, 0.0)),
+    (["--enable_batching=false", "--allow_version_labels_for_unavailable_models=true",
+      "--model_config_file_poll_wait_seconds=60"], (False, True, 60.0)),
+    (["--enable_batching=1", "--allow_version_labels_for_unavailable_models=0"], (True, False, 0.0)),
+])
+def test_serve_reads_boolean_flags_as_tensorflow_model_server(argv, expected):
+    from tf_bus.cli import build_parser
+
+    args = build_parser().parse_args(["serve", *argv])
+    assert (args.enable_batching, args.allow_version_labels_for_unavailable_models,
+            args.model_config_file_poll_wait_seconds) == expected
+
+
+def test_serve_refuses_a_boolean_flag_it_cannot_read(capsys):
+    from tf_bus.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--enable_batching=yes please"])
+    assert "'yes please' is not a boolean; give true or false" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -85,6 +111,7 @@ def test_serve_and_predict_processes(tiny_runs, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "tf_bus.cli", "serve", "--port", str(ports[0]), "--rest_api_port", str(ports[1]),
          "--host", "127.0.0.1", "--model_config_file", str(config), "--enable_batching",
+         "--allow_version_labels_for_unavailable_models=true",
          "--batching_parameters_file", str(REPO / "serving/batching_parameters.txt"),
          "--monitoring_config_file", str(REPO / "serving/monitoring.config"), "--ready_file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -803,6 +803,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _flag_bool(text: str) -> bool:
+    """A boolean flag's value as tensorflow_model_server reads it (true/false, 1/0)."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; give true or false")
+    return value
+
+
 def _add_serve(sub) -> None:
     from tf_bus.serving.server import ServerOptions
 
@@ -819,13 +827,27 @@ def _add_serve(sub) -> None:
     p.add_argument("--model_config_file", help="a ModelServerConfig text proto (models, version policies, labels)")
     p.add_argument("--model_name", help="with --model_base_path: the one model's name (default: default)")
     p.add_argument("--model_base_path", help="the one model's folder of numbered versions")
-    p.add_argument("--enable_batching", action="store_true", help="batch concurrent Predict requests server-side")
+    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="batch concurrent Predict requests server-side (--enable_batching or =true/false, as in "
+                        "TF Serving)")
     p.add_argument("--batching_parameters_file", help="a BatchingParameters text proto (max_batch_size, "
                                                       "batch_timeout_micros, num_batch_threads, max_enqueued_batches)")
     p.add_argument("--monitoring_config_file", help="a MonitoringConfig text proto; prometheus_config enables metrics "
                                                     "at its path on the REST port")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=d.file_system_poll_wait_seconds,
                    help="how often to look for new or removed versions; 0 loads once (default: 1)")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float,
+                   default=d.model_config_file_poll_wait_seconds,
+                   help="how often to re-read --model_config_file and apply it when it changed (models added, "
+                        "removed, new policies and labels, as HandleReloadConfigRequest); 0 reads it once "
+                        "(default: 0)")
+    p.add_argument("--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True,
+                   default=False, metavar="BOOL",
+                   help="let a new version_label name a version that is not loaded yet; without it, as in TF "
+                        "Serving, labels in the startup config are refused, since nothing is loaded then")
+    p.add_argument("--force_allow_any_version_labels_for_unavailable_models", type=_flag_bool, nargs="?",
+                   const=True, default=False, metavar="BOOL",
+                   help="let any label, also one moved to another version, name a version not loaded yet")
     p.add_argument("--rest_api_max_body_bytes", type=int, default=d.rest_api_max_body_bytes,
                    help="larger REST bodies are refused with HTTP 413 (default: 64 MiB)")
     p.add_argument("--grpc_max_message_bytes", type=int, default=d.grpc_max_message_bytes,
@@ -848,6 +870,9 @@ def _cmd_serve(args) -> int:
         enable_batching=args.enable_batching, batching_parameters_file=args.batching_parameters_file,
         monitoring_config_file=args.monitoring_config_file,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        force_allow_any_version_labels_for_unavailable_models=args.force_allow_any_version_labels_for_unavailable_models,
         rest_api_max_body_bytes=args.rest_api_max_body_bytes, grpc_max_message_bytes=args.grpc_max_message_bytes,
         grpc_max_threads=args.grpc_max_threads,
     )

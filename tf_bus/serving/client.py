@@ -18,6 +18,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,8 @@ class RestClient:
 
 class GrpcClient:
     """TF Serving's gRPC API (``tensorflow_serving.apis``): Predict, Classify, Regress,
-    GetModelMetadata, GetModelStatus. Use as a context manager or call ``close``."""
+    GetModelMetadata, GetModelStatus, HandleReloadConfigRequest. Use as a context manager
+    or call ``close``."""
 
     def __init__(self, endpoint: str = "localhost:8500", *, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2, max_message_bytes: int = 64 << 20):
@@ -233,6 +235,18 @@ class GrpcClient:
         req = get_model_status_pb2.GetModelStatusRequest()
         self._spec(req.model_spec, model, version, label)
         return self._call(self.models.GetModelStatus, req)
+
+    def reload_config(self, config):
+        """ModelService.HandleReloadConfigRequest with a ModelServerConfig, or the path of
+        its text proto (a ``--model_config_file``); returns once new models are loaded."""
+        from google.protobuf import text_format
+        from tensorflow_serving.apis import model_management_pb2
+        from tensorflow_serving.config import model_server_config_pb2
+
+        if not isinstance(config, model_server_config_pb2.ModelServerConfig):
+            config = text_format.Parse(Path(config).read_text(), model_server_config_pb2.ModelServerConfig())
+        return self._call(self.models.HandleReloadConfigRequest,
+                          model_management_pb2.ReloadConfigRequest(config=config))
 
 
 def predict_images(images: list[bytes], model: str, *, server: str, protocol: str = "grpc",

@@ -12,6 +12,16 @@
 - A base path that is missing or holds no numbered SavedModel folder is logged as a
   warning in TF Serving's words, once each time that starts or changes (TF Serving
   repeats it at every poll).
+- ``version_labels`` go through ServerCore's label map: a label must name a version that
+  is AVAILABLE when the config is applied, so labels in the startup config are refused
+  unless ``allow_labels_for_unavailable`` (TF Serving's
+  ``--allow_version_labels_for_unavailable_models``: a new label, or one kept at its
+  version, may name a version not loaded yet; moving a label still needs its target
+  loaded) or ``force_allow_labels`` (any label, any version).
+- ``reload_config`` is ServerCore::ReloadConfig: the same validation, models dropped from
+  the list unloaded (their versions reported END), kept models take their new policy and
+  base path without being unloaded, new models loaded before it returns. A refused config
+  changes nothing.
 - Errors are ``ServingError(code, message)`` with TF Serving's codes and messages.
 """
 
@@ -37,6 +47,11 @@ class ServingError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ModelConfigError(ServingError, ValueError):
+    """A ModelServerConfig the server refuses (at startup or on reload), with TF Serving's
+    status code and message."""
 
 
 def invalid(message: str) -> ServingError:
@@ -141,22 +156,123 @@ def aspired_versions(model_config, on_disk: list[int]) -> list[int]:
 class ModelManager:
     """Loads, serves and unloads model versions (see the module docstring)."""
 
-    def __init__(self, server_config, poll_seconds: float = 1.0, loader=load_servable):
-        self._lock = threading.RLock()
+    def __init__(self, server_config, poll_seconds: float = 1.0, loader=load_servable, *,
+                 allow_labels_for_unavailable: bool = False, force_allow_labels: bool = False):
+        self._lock = threading.RLock()  # guards the models' states, the label map and the model table
+        self._config_lock = threading.Lock()  # one config change at a time (ServerCore's config_mu_)
+        self._poll_lock = threading.Lock()  # one poll at a time: the poller and a reload never load twice
         self._models: dict[str, ModelState] = {}
+        self._retired: dict[str, ModelState] = {}  # models a reload removed: their versions stay END in status
+        self._labels: dict[str, dict[str, int]] = {}
         self._loader = loader
         self._poll_seconds = poll_seconds
+        self._allow_labels_for_unavailable = allow_labels_for_unavailable
+        self._force_allow_labels = force_allow_labels
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        configs = self._validate(server_config, first=True)
+        self._labels = self._label_map(configs)
+        self._models = {mc.name: ModelState(mc) for mc in configs}
+        self._config = server_config
+
+    @property
+    def config(self):
+        """The ModelServerConfig in force (the startup one, or the last reload applied)."""
+        return self._config
+
+    # -------------------------------------------------------------- config
+    @staticmethod
+    def _validate(server_config, first: bool) -> list:
+        """ServerCore's checks of a ModelServerConfig; its model configs, in order."""
         which = server_config.WhichOneof("config")
         if which != "model_config_list":
-            raise ValueError("the model config must hold a model_config_list (custom_model_config is not supported)")
-        for mc in server_config.model_config_list.config:
-            if mc.model_platform not in ("", "tensorflow"):
-                raise ValueError(f"model {mc.name!r}: model_platform {mc.model_platform!r} is not supported; use tensorflow")
+            if first:
+                raise ModelConfigError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       "the model config must hold a model_config_list (custom_model_config is not "
+                                       "supported)")
+            raise ModelConfigError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "Cannot transition to requested config. It is only legal to transition from one "
+                                   "ModelConfigList to another.")
+        configs, seen = list(server_config.model_config_list.config), set()
+        for mc in configs:
+            if mc.name in seen:
+                raise ModelConfigError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Illegal to list model {mc.name} multiple times in config list")
+            seen.add(mc.name)
+        for mc in configs:
             if not mc.name or not mc.base_path:
-                raise ValueError("every model config needs a name and a base_path")
-            self._models[mc.name] = ModelState(mc)
+                raise ModelConfigError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       "every model config needs a name and a base_path")
+            if not (os.path.isabs(mc.base_path) or "://" in mc.base_path):
+                raise ModelConfigError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Expected model {mc.name} to have an absolute path or URI; got "
+                                       f"base_path()={mc.base_path}")
+            if mc.model_platform not in ("", "tensorflow"):
+                raise ModelConfigError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Model {mc.name} requests unsupported platform {mc.model_platform}")
+        return configs
+
+    def _label_map(self, configs) -> dict[str, dict[str, int]]:
+        """ServerCore::UpdateModelVersionLabelMap over the current version states."""
+        labels: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for mc in configs:
+                state = self._models.get(mc.name)
+                for label, version in sorted(mc.version_labels.items()):
+                    allowed = self._force_allow_labels
+                    if not allowed and self._allow_labels_for_unavailable:
+                        old = self._labels.get(mc.name, {}).get(label)
+                        allowed = old is None or old == version
+                    available = state is not None and state.states.get(version, ("",))[0] == "AVAILABLE"
+                    if not (allowed or available):
+                        raise ModelConfigError(grpc.StatusCode.FAILED_PRECONDITION,
+                                               f"Request to assign label to version {version} of model {mc.name}, "
+                                               "which is not currently available for inference")
+                    labels.setdefault(mc.name, {})[label] = version
+        return labels
+
+    def reload_config(self, server_config) -> None:
+        """Applies a new ModelServerConfig as ServerCore::ReloadConfig does (module docstring).
+
+        Raises ``ModelConfigError`` for a config it refuses (nothing changes then), and
+        UNKNOWN "N model(s) did not become available" when a new model has no version
+        loaded once it returns (the config stays applied; the poller keeps trying)."""
+        with self._config_lock:
+            if server_config.WhichOneof("config") is None:
+                log.info("Taking no action for empty config.")
+                return
+            configs = self._validate(server_config, first=False)
+            labels = self._label_map(configs)
+            with self._lock:
+                old, models = self._models, {}
+                for mc in configs:
+                    state = old.get(mc.name) or self._retired.pop(mc.name, None) or ModelState(mc)
+                    state.config, models[mc.name] = mc, state
+                added = [n for n in models if n not in old]
+                for name in [n for n in old if n not in models]:
+                    state = self._retired[name] = old[name]
+                    for v in list(state.loaded):
+                        state.states[v] = ("END", "")
+                        log.info("model %s version %s unloaded (removed from the config)", name, v)
+                    state.loaded.clear()  # in-flight requests keep their own reference
+                self._models, self._labels, self._config = models, labels, server_config
+            for mc in configs:
+                log.info("(Re-)adding model: %s", mc.name)
+            self.poll_once()  # loads what the new models and policies want before returning
+            missing = [n for n in added if not models[n].loaded]
+            if missing:
+                raise ServingError(grpc.StatusCode.UNKNOWN, f"{len(missing)} model(s) did not become available: {{"
+                                   + "".join(f"{{{self._why_unavailable(models[n])}}}, " for n in missing) + "}")
+            log.info("Finished reloading config")
+
+    @staticmethod
+    def _why_unavailable(state: ModelState) -> str:
+        name = state.config.name
+        failed = [(v, e) for v, (s, e) in sorted(state.states.items()) if s == "END" and e]
+        if failed:
+            v, e = failed[-1]
+            return f"{{name: {name} version: {v}}} due to error: {e}"
+        return f"{{name: {name}}} due to error: {state.problem or 'still loading'}"
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -179,7 +295,13 @@ class ModelManager:
 
     def poll_once(self) -> None:
         """Loads aspired versions not yet loaded, then drops versions no longer aspired."""
-        for name, state in list(self._models.items()):
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        with self._lock:
+            models = list(self._models.items())
+        for name, state in models:
             on_disk = available_versions(state.config.base_path)
             problem = base_path_problem(name, state.config.base_path, on_disk)
             if problem != state.problem:  # logged when it starts or changes, not at every poll
@@ -205,6 +327,11 @@ class ModelManager:
                     state.states[v] = ("AVAILABLE", "")
                 log.info("model %s version %s loaded from %s", name, v, path)
             with self._lock:
+                if self._models.get(name) is not state:
+                    for v in list(state.loaded):  # removed by a reload while this poll loaded it
+                        state.states[v] = ("END", "")
+                    state.loaded.clear()
+                    continue
                 for v in [v for v in state.loaded if v not in want]:
                     if any(u in state.loaded for u in want) or not want:
                         del state.loaded[v]  # in-flight requests keep their own reference
@@ -222,7 +349,8 @@ class ModelManager:
 
     # -------------------------------------------------------------- lookups
     def model_names(self) -> list[str]:
-        return sorted(self._models)
+        with self._lock:
+            return sorted(self._models)
 
     def _spec(self, name: str, version: int | None, label: str | None) -> tuple[ModelState | None, int | None]:
         """The model's state and the version a (version | label) spec names."""
@@ -230,9 +358,9 @@ class ModelManager:
             raise invalid(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
         state = self._models.get(name)
         if label:
-            if state is None or label not in state.config.version_labels:
+            if label not in self._labels.get(name, {}):
                 raise invalid(f"Unrecognized servable version label: {label}")
-            version = state.config.version_labels[label]
+            version = self._labels[name][label]
         return state, version
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
@@ -249,9 +377,11 @@ class ModelManager:
             return state.loaded[version]
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[tuple[int, str, str]]:
-        """(version, state, error message) rows as GetModelStatus reports them."""
+        """(version, state, error message) rows as GetModelStatus reports them (a model a
+        reload removed still reports its versions, END)."""
         with self._lock:
             state, version = self._spec(name, version, label)
+            state = state or self._retired.get(name)
             if state is None or not state.states:
                 raise not_found(f"Could not find any versions of model {name}")
             if version is not None:

@@ -3,6 +3,7 @@ over the model manager, with the generated stubs of ``tensorflow-serving-api``."
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent import futures
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from tf_bus.serving import service
 from tf_bus.serving.core import ModelManager, ServingError, invalid
+
+log = logging.getLogger("tf_bus.serving")
 
 
 def _spec(model_spec) -> tuple[str, int | None, str | None]:
@@ -113,7 +116,8 @@ class PredictionServicer:
 
 
 class ModelServicer:
-    """GetModelStatus (HandleReloadConfigRequest is unimplemented)."""
+    """GetModelStatus and HandleReloadConfigRequest (ServerCore::ReloadConfig: only a
+    model_config_list is accepted; the gRPC status is the reload's, as TF Serving answers)."""
 
     def __init__(self, manager: ModelManager, metrics=None):
         self.manager, self.metrics = manager, metrics
@@ -126,8 +130,17 @@ class ModelServicer:
             context.abort(e.code, e.message)
 
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "HandleReloadConfigRequest is not implemented by tf-bus serve; "
-                                                     "restart with the new --model_config_file")
+        from tensorflow_serving.apis import model_management_pb2
+
+        try:
+            if request.config.WhichOneof("config") != "model_config_list":
+                raise invalid("ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
+                              "ModelConfigList is currently supported")
+            self.manager.reload_config(request.config)
+            return model_management_pb2.ReloadConfigResponse()  # status: error_code OK, no message
+        except ServingError as e:
+            log.error("ServerCore::HandleReloadConfigRequest failed: %s", e.message)
+            context.abort(e.code, e.message)
 
 
 def make_grpc_server(manager: ModelManager, port: int, host: str = "0.0.0.0", max_workers: int = 16,

@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tf_bus.serving.core import ModelManager, parse_model_config_file, single_model_config
+from tf_bus.serving.core import (ModelConfigError, ModelManager, ServingError, parse_model_config_file,
+                                 single_model_config)
 
 log = logging.getLogger("tf_bus.serving")
 
@@ -34,6 +35,9 @@ class ServerOptions:
     batching_parameters_file: str | None = None
     monitoring_config_file: str | None = None
     file_system_poll_wait_seconds: float = 1.0
+    model_config_file_poll_wait_seconds: float = 0.0
+    allow_version_labels_for_unavailable_models: bool = False
+    force_allow_any_version_labels_for_unavailable_models: bool = False
     rest_api_max_body_bytes: int = 64 << 20
     grpc_max_message_bytes: int = 64 << 20
     grpc_max_threads: int = 16
@@ -67,7 +71,18 @@ class ModelServer:
             config = single_model_config(opts.model_name or "default", str(Path(opts.model_base_path).resolve()))
         else:
             raise ValueError("give --model_config_file, or --model_base_path (with --model_name)")
-        self.manager = ModelManager(config, poll_seconds=opts.file_system_poll_wait_seconds)
+        try:
+            self.manager = ModelManager(
+                config, poll_seconds=opts.file_system_poll_wait_seconds,
+                allow_labels_for_unavailable=opts.allow_version_labels_for_unavailable_models,
+                force_allow_labels=opts.force_allow_any_version_labels_for_unavailable_models)
+        except ModelConfigError as e:
+            hint = (" (labels in the startup config name versions not loaded yet: start with "
+                    "--allow_version_labels_for_unavailable_models=true, as tensorflow_model_server needs too)"
+                    if "Request to assign label" in e.message else "")
+            raise ValueError(f"--model_config_file {opts.model_config_file}: Failed to start server. Error: "
+                             f"{e.code.name}: {e.message}{hint}") from None
+        self._config_poller: threading.Thread | None = None
         self.metrics, self.metrics_path = None, None
         if opts.monitoring_config_file:
             mc = _text_proto(opts.monitoring_config_file, monitoring_config_pb2.MonitoringConfig(), "monitoring_config_file")
@@ -80,7 +95,7 @@ class ModelServer:
                 settings = BatchSettings.from_proto(_text_proto(
                     opts.batching_parameters_file, batching_parameters_pb2.BatchingParameters(), "batching_parameters_file"))
             self.batcher = Batcher(settings)
-        self._done = threading.Event()
+        self._done, self._stopping = threading.Event(), threading.Event()
         self.rest_port = self.grpc_port = None
 
     def start(self) -> "ModelServer":
@@ -100,7 +115,37 @@ class ModelServer:
             self.rest_port = self.http.server_address[1]
             serve_in_thread(self.http)
         log.info("serving gRPC on %s, REST on %s", self.grpc_port, self.rest_port)
+        if self.opts.model_config_file and self.opts.model_config_file_poll_wait_seconds > 0:
+            self._config_poller = threading.Thread(target=self._poll_config_file, name="tf-bus-config-poller",
+                                                   daemon=True)
+            self._config_poller.start()
         return self
+
+    def _poll_config_file(self) -> None:
+        """--model_config_file_poll_wait_seconds: re-reads the config file and reloads it
+        (TF Serving's PollFilesystemAndReloadConfig, with its log lines). A file equal to
+        the config in force is not reloaded; one that differs (edited, or a gRPC reload
+        changed the config since) is, as TF Serving reloads the file at every poll."""
+        while not self._stopping.wait(self.opts.model_config_file_poll_wait_seconds):
+            self.reload_config_file()
+
+    def reload_config_file(self) -> bool:
+        """Reads --model_config_file and applies it unless it is the config in force;
+        False when it could not be read or applied."""
+        try:
+            config = parse_model_config_file(self.opts.model_config_file)
+        except ValueError as e:
+            log.error("Failed to read ModelServerConfig file: %s", e)
+            return False
+        if config == self.manager.config:
+            return True
+        try:
+            self.manager.reload_config(config)
+        except ServingError as e:  # a refused config is tried again at the next poll (a label may wait
+            # for its version to load); one applied with a model that did not load is not reloaded again
+            log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", e.message)
+            return False
+        return True
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting requests, lets in-flight ones finish (up to ``grace`` s), unloads."""
@@ -108,6 +153,9 @@ class ModelServer:
             self.http.shutdown()
             self.http.server_close()
         self.grpc.stop(grace).wait(grace + 1)
+        self._stopping.set()
+        if self._config_poller is not None:
+            self._config_poller.join(timeout=10)
         if self.batcher is not None:
             self.batcher.close()
         self.manager.stop()

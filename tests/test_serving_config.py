@@ -1,0 +1,241 @@
+"""`tf-bus serve`'s model config as TF Serving's ServerCore handles it: version labels
+checked against loaded versions (and the flags that relax that), HandleReloadConfigRequest
+over gRPC, and --model_config_file_poll_wait_seconds, on a real server on loopback over
+half_plus_two SavedModels."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_models import write_half_plus_two
+
+from tf_bus.serving.client import GrpcClient, RestClient, ServingClientError
+from tf_bus.serving.core import ServingError
+from tf_bus.serving.server import ModelServer, ServerOptions
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_text(*models: tuple) -> str:
+    """(name, base_path[, extra text]) per model -> a ModelServerConfig text proto."""
+    body = "".join(f'  config {{ name: "{m[0]}" base_path: "{m[1]}" model_platform: "tensorflow" '
+                   f'{m[2] if len(m) > 2 else ""} }}\n' for m in models)
+    return "model_config_list {\n" + body + "}\n"
+
+
+def parse(text: str):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    return text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+
+
+def start(config_file: Path, **flags) -> ModelServer:
+    flags = {"file_system_poll_wait_seconds": 0, **flags}
+    opts = ServerOptions(port=0, rest_api_port=free_port(), rest_api_host="127.0.0.1", grpc_host="127.0.0.1",
+                         model_config_file=str(config_file), **flags)
+    srv = ModelServer(opts).start()
+    assert srv.manager.wait_until_available(60)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("models")
+    write_half_plus_two(base / "a" / "1")  # y = 0.5 x + 2
+    write_half_plus_two(base / "b" / "1", b=3.0)  # y = 0.5 x + 3
+    write_half_plus_two(base / "b" / "2", b=4.0)  # y = 0.5 x + 4
+    return base
+
+
+def y(client: GrpcClient, model: str, **spec) -> float:
+    return client.predict(model, {"x": np.array([2.0], np.float32)}, **spec)["y"].tolist()[0]
+
+
+# ------------------------------------------------------------------ labels at startup
+
+def test_the_shipped_config_needs_the_label_flag_as_tensorflow_model_server_does(tmp_path):
+    shipped = (REPO / "serving/models.config").read_text().replace("/models/", f"{tmp_path}/")
+    (tmp_path / "models.config").write_text(shipped)
+    opts = ServerOptions(model_config_file=str(tmp_path / "models.config"), rest_api_port=0)
+    with pytest.raises(ValueError) as info:
+        ModelServer(opts)
+    assert ("Failed to start server. Error: FAILED_PRECONDITION: Request to assign label to version 1 of model "
+            "busi_segmenter, which is not currently available for inference") in str(info.value)
+    assert "--allow_version_labels_for_unavailable_models=true" in str(info.value)
+    opts.allow_version_labels_for_unavailable_models = True
+    assert ModelServer(opts).manager.model_names() == ["busi_classifier", "busi_segmenter"]
+
+
+@pytest.mark.parametrize("text,message", [
+    (config_text(("a", "/m/a"), ("a", "/m/b")), "Illegal to list model a multiple times in config list"),
+    (config_text(("a", "models/a")), "Expected model a to have an absolute path or URI; got base_path()=models/a"),
+    (config_text(("a", "/m/a")).replace('"tensorflow"', '"pytorch"'), "Model a requests unsupported platform pytorch"),
+])
+def test_a_startup_config_is_refused_in_tf_servings_words(tmp_path, text, message):
+    (tmp_path / "models.config").write_text(text)
+    with pytest.raises(ValueError, match="Failed to start server") as info:
+        ModelServer(ServerOptions(model_config_file=str(tmp_path / "models.config"), rest_api_port=0))
+    assert f"INVALID_ARGUMENT: {message}" in str(info.value)
+
+
+# ------------------------------------------------------------------ HandleReloadConfigRequest
+
+def test_reload_config_adds_removes_and_relabels_models_without_a_restart(models, tmp_path):
+    (tmp_path / "models.config").write_text(config_text(("a", models / "a")))
+    srv = start(tmp_path / "models.config")
+    try:
+        with GrpcClient(f"127.0.0.1:{srv.grpc_port}", retries=0) as c:
+            assert y(c, "a") == 3.0
+            # a new model, both versions, with labels on versions loaded by this very reload: refused
+            # (labels are checked before anything loads), and nothing changed
+            both = 'model_version_policy { all {} }'
+            labelled = both + ' version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 }'
+            with pytest.raises(ServingClientError) as info:
+                c.reload_config(parse(config_text(("a", models / "a"), ("b", models / "b", labelled))))
+            assert info.value.status == "FAILED_PRECONDITION"
+            assert re.fullmatch("Request to assign label to version [12] of model b, which is not currently "
+                                "available for inference", info.value.message), info.value.message
+            assert srv.manager.model_names() == ["a"]
+            # the model first, then its labels: TF Serving's two-step recipe
+            resp = c.reload_config(parse(config_text(("a", models / "a"), ("b", models / "b", both))))
+            assert (resp.status.error_code, resp.status.error_message) == (0, "")
+            assert [(s.version, s.state) for s in c.status("b").model_version_status] == [(2, 30), (1, 30)]
+            c.reload_config(parse(config_text(("a", models / "a"), ("b", models / "b", labelled))))
+            assert (y(c, "b", label="stable"), y(c, "b", label="canary"), y(c, "b")) == (4.0, 5.0, 5.0)
+            rest = RestClient(f"127.0.0.1:{srv.rest_port}", retries=0)
+            assert rest.predict("b", instances=[2.0], label="stable") == {"predictions": [4.0]}
+            # the same reload from a file, through the client
+            (tmp_path / "only_b.config").write_text(config_text(("b", models / "b", labelled)))
+            c.reload_config(tmp_path / "only_b.config")
+            assert srv.manager.model_names() == ["b"]
+            with pytest.raises(ServingClientError) as info:
+                y(c, "a")
+            assert (info.value.status, info.value.message) == ("NOT_FOUND", "Servable not found for request: Latest(a)")
+            assert [(s.version, s.state) for s in c.status("a").model_version_status] == [(1, 50)]  # END
+            assert y(c, "b", label="stable") == 4.0  # kept models are not reloaded or interrupted
+            # back again: a removed model can be re-added
+            c.reload_config(parse(config_text(("a", models / "a"), ("b", models / "b", labelled))))
+            assert y(c, "a") == 3.0 and srv.manager.status("a") == [(1, "AVAILABLE", "")]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("change,code,message", [
+    (lambda m: config_text(("a", m / "a"), ("a", m / "b")), "INVALID_ARGUMENT",
+     "Illegal to list model a multiple times in config list"),
+    (lambda m: config_text(("a", "relative/a")), "INVALID_ARGUMENT",
+     "Expected model a to have an absolute path or URI; got base_path()=relative/a"),
+    (lambda m: config_text(("a", m / "a", 'version_labels { key: "stable" value: 7 }')), "FAILED_PRECONDITION",
+     "Request to assign label to version 7 of model a, which is not currently available for inference"),
+    (lambda m: 'custom_model_config { type_url: "x" }', "INVALID_ARGUMENT",
+     "ServerModelConfig type not supported by HandleReloadConfigRequest. Only ModelConfigList is currently supported"),
+    (lambda m: "", "INVALID_ARGUMENT",
+     "ServerModelConfig type not supported by HandleReloadConfigRequest. Only ModelConfigList is currently supported"),
+    (lambda m: config_text(("a", m / "a"), ("c", m / "nowhere")), "UNKNOWN",
+     "1 model(s) did not become available: {{{name: c} due to error: Could not find base path"),
+])
+def test_a_refused_reload_answers_tf_servings_status_and_keeps_serving(models, tmp_path, change, code, message):
+    (tmp_path / "models.config").write_text(config_text(("a", models / "a")))
+    srv = start(tmp_path / "models.config")
+    try:
+        with GrpcClient(f"127.0.0.1:{srv.grpc_port}", retries=0) as c:
+            with pytest.raises(ServingClientError) as info:
+                c.reload_config(parse(change(models)))
+            assert info.value.status == code and info.value.message.startswith(message), info.value.message
+            assert y(c, "a") == 3.0
+    finally:
+        srv.stop()
+
+
+def test_label_flags_relax_the_check_as_in_tf_serving(models, tmp_path):
+    def labels(**versions):
+        extra = " ".join(f'version_labels {{ key: "{k}" value: {v} }}' for k, v in versions.items())
+        return parse(config_text(("b", models / "b", "model_version_policy { specific { versions: 1 } } " + extra)))
+
+    (tmp_path / "models.config").write_text(config_text(("b", models / "b", "model_version_policy { specific { "
+                                                        'versions: 1 } } version_labels { key: "stable" value: 1 }')))
+    srv = start(tmp_path / "models.config", allow_version_labels_for_unavailable_models=True)
+    try:
+        manager = srv.manager
+        manager.reload_config(labels(stable=1, canary=2))  # a new label may name version 2, not loaded
+        with pytest.raises(ServingClientError) as info, GrpcClient(f"127.0.0.1:{srv.grpc_port}", retries=0) as c:
+            y(c, "b", label="canary")
+        assert (info.value.status, info.value.message) == ("NOT_FOUND", "Servable not found for request: Specific(b, 2)")
+        with pytest.raises(ValueError, match="Request to assign label to version 2 of model b"):
+            manager.reload_config(labels(stable=2, canary=2))  # moving a label still needs its version loaded
+        assert manager._labels == {"b": {"stable": 1, "canary": 2}}
+    finally:
+        srv.stop()
+    (tmp_path / "models.config").write_text(config_text(("b", models / "b", "model_version_policy { specific { "
+                                                        'versions: 1 } }')))
+    srv = start(tmp_path / "models.config", force_allow_any_version_labels_for_unavailable_models=True)
+    try:
+        srv.manager.reload_config(labels(stable=1))
+        srv.manager.reload_config(labels(stable=2))  # forced: moved to an unloaded version
+        assert srv.manager._labels == {"b": {"stable": 2}}
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------ --model_config_file_poll_wait_seconds
+
+def test_an_edited_config_file_is_applied_by_the_poller(models, tmp_path, caplog):
+    from tf_bus.io import write_bytes_atomic
+
+    config = tmp_path / "models.config"
+    config.write_text(config_text(("a", models / "a")))
+    srv = start(config, model_config_file_poll_wait_seconds=0.2, file_system_poll_wait_seconds=0.2)
+
+    def wait_for(predicate, what):
+        for _ in range(300):
+            try:
+                if predicate():
+                    return
+            except ServingError:  # NOT_FOUND before the model is known
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"the poller did not {what}")
+
+    def logged(text):
+        return any(text in r.getMessage() for r in caplog.records)
+
+    try:
+        with caplog.at_level("INFO", logger="tf_bus.serving"), \
+                GrpcClient(f"127.0.0.1:{srv.grpc_port}", retries=0) as c:
+            write_bytes_atomic(config, config_text(("a", models / "a"), ("b", models / "b")).encode())
+            wait_for(lambda: srv.manager.status("b")[0][:2] == (2, "AVAILABLE"), "add model b")
+            assert srv.manager.model_names() == ["a", "b"] and y(c, "b") == 5.0
+            config.write_text("model_config_list { config { name: ")  # a half-written edit is not applied
+            wait_for(lambda: logged("Failed to read ModelServerConfig file"), "log the unreadable file")
+            assert srv.manager.model_names() == ["a", "b"] and y(c, "a") == 3.0
+            # A label on a version not exported yet: refused at each poll (model c keeps its old config);
+            # applied once the version appears and the file system poller has loaded it.
+            canary = tmp_path / "c"
+            write_half_plus_two(canary / "1")
+            write_bytes_atomic(config, config_text(("c", canary)).encode())
+            wait_for(lambda: srv.manager.model_names() == ["c"] and srv.manager.status("c")[0][1] == "AVAILABLE",
+                     "replace a and b by c")
+            write_bytes_atomic(config, config_text(("c", canary, 'version_labels { key: "canary" value: 2 }')).encode())
+            wait_for(lambda: logged("PollFilesystemAndReloadConfig failed to ReloadConfig: Request to assign label "
+                                    "to version 2 of model c, which is not currently available for inference"),
+                     "log the refused label")
+            assert y(c, "c") == 3.0
+            write_half_plus_two(tmp_path / "incoming", b=6.0)
+            (tmp_path / "incoming").rename(canary / "2")
+            wait_for(lambda: srv.manager.status("c", label="canary"), "apply the label once version 2 loaded")
+            assert y(c, "c", label="canary") == 7.0
+    finally:
+        srv.stop()
