@@ -229,6 +229,52 @@ def test_grpc_errors_carry_tf_servings_codes(server, call, code, message):
         assert c.predict("hp", {"x": np.array([1.0], np.float32)}, version=123)["y"].tolist() == [2.5]
 
 
+def test_grpc_multi_inference_runs_classify_and_regress_tasks_on_one_input(server):
+    with GrpcClient(f"127.0.0.1:{server.grpc_port}", retries=0) as c:
+        resp = c.multi_inference("hp", [{"x": 2.0, "x2": 4.0}, {"x": 10.0}], [
+            ("regress_x_to_y", "regress"), ("classify_x_to_y", "classify"), ("regress_x2_to_y3", "regress")],
+            label="stable")
+    regress_y, classify_y, regress_y3 = resp.results
+    assert [r.value for r in regress_y.regression_result.regressions] == [3.0, 7.0]
+    assert [[k.score for k in cl.classes] for cl in classify_y.classification_result.classifications] == [[3.0], [7.0]]
+    assert [r.value for r in regress_y3.regression_result.regressions] == [5.0, 3.0]  # x2 defaults to 0
+    assert [(r.model_spec.name, r.model_spec.signature_name, r.model_spec.version.value) for r in resp.results] == [
+        ("hp", "regress_x_to_y", 123), ("hp", "classify_x_to_y", 123), ("hp", "regress_x2_to_y3", 123)]
+
+
+REGRESS, CLASSIFY, PREDICT = "tensorflow/serving/regress", "tensorflow/serving/classify", "tensorflow/serving/predict"
+
+
+@pytest.mark.parametrize("tasks,with_input,code,message", [  # TF Serving's multi_inference_test cases
+    ([], True, "INVALID_ARGUMENT", "Expected at least one task"),
+    ([("nope", "regress_x_to_y", REGRESS)], True, "NOT_FOUND", "Servable not found for request: Latest(nope)"),
+    ([("hp", "regress_x_to_y", REGRESS)], False, "INVALID_ARGUMENT", "Input is empty."),
+    ([("hp", "nope", REGRESS)], True, "INVALID_ARGUMENT", "Requested signature not found in model graph: nope"),
+    ([("hp", "regress_x_to_y", REGRESS), ("busi_classifier", "regress_x_to_y", REGRESS)], True, "INVALID_ARGUMENT",
+     "All ModelSpecs in a MultiInferenceRequest must access the same model name."),
+    ([("hp", "regress_x_to_y", REGRESS), ("hp", "regress_x_to_y", REGRESS)], True, "INVALID_ARGUMENT",
+     "Duplicate evaluation of signature: regress_x_to_y"),
+    ([("hp", "serving_default", PREDICT)], True, "UNIMPLEMENTED",
+     "Unsupported signature method_name: tensorflow/serving/predict"),
+    ([("hp", "regress_x_to_y", CLASSIFY)], True, "INVALID_ARGUMENT",
+     "Expected classification signature method_name to be tensorflow/serving/classify. Was: tensorflow/serving/regress"),
+])
+def test_grpc_multi_inference_errors_are_tf_servings(server, tasks, with_input, code, message):
+    import grpc
+    from tensorflow_serving.apis import inference_pb2
+
+    req = inference_pb2.MultiInferenceRequest()
+    for model, signature_name, method in tasks:
+        task = req.tasks.add()
+        task.model_spec.name, task.model_spec.signature_name, task.method_name = model, signature_name, method
+    if with_input:
+        req.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+    with GrpcClient(f"127.0.0.1:{server.grpc_port}", retries=0) as c:
+        with pytest.raises(grpc.RpcError) as info:
+            c.predictions.MultiInference(req, timeout=30)
+        assert (info.value.code().name, info.value.details()) == (code, message)
+
+
 # ------------------------------------------------------------------ tf-bus models over both protocols
 
 def test_tf_bus_models_answer_the_same_over_rest_grpc_and_in_process(server, base):

@@ -123,8 +123,8 @@ class RestClient:
 
 class GrpcClient:
     """TF Serving's gRPC API (``tensorflow_serving.apis``): Predict, Classify, Regress,
-    GetModelMetadata, GetModelStatus, HandleReloadConfigRequest. Use as a context manager
-    or call ``close``."""
+    MultiInference, GetModelMetadata, GetModelStatus, HandleReloadConfigRequest. Use as a
+    context manager or call ``close``."""
 
     def __init__(self, endpoint: str = "localhost:8500", *, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2, max_message_bytes: int = 64 << 20):
@@ -186,13 +186,13 @@ class GrpcClient:
         resp = self._call(self.predictions.Predict, req)
         return {k: tf.make_ndarray(v) for k, v in resp.outputs.items()}
 
-    def _examples(self, method, request_type, model, examples, signature_name, version, label):
+    @staticmethod
+    def _fill_examples(input_proto, examples) -> None:
+        """tf.train.Examples, or dicts of feature -> value(s), into a tensorflow.serving.Input."""
         import tensorflow as tf
 
-        req = request_type()
-        self._spec(req.model_spec, model, version, label, signature_name)
         for ex in examples:
-            e = req.input.example_list.examples.add()
+            e = input_proto.example_list.examples.add()
             if isinstance(ex, tf.train.Example):
                 e.CopyFrom(ex)
             else:
@@ -205,6 +205,11 @@ class GrpcClient:
                         f.int64_list.value.extend(vals)
                     else:
                         f.bytes_list.value.extend(x if isinstance(x, bytes) else str(x).encode() for x in vals)
+
+    def _examples(self, method, request_type, model, examples, signature_name, version, label):
+        req = request_type()
+        self._spec(req.model_spec, model, version, label, signature_name)
+        self._fill_examples(req.input, examples)
         return self._call(method, req).result
 
     def classify(self, model: str, examples: list, *, signature_name: str | None = None,
@@ -220,6 +225,21 @@ class GrpcClient:
 
         return self._examples(self.predictions.Regress, regression_pb2.RegressionRequest, model, examples,
                               signature_name, version, label)
+
+    def multi_inference(self, model: str, examples: list, tasks: list[tuple[str, str]], *,
+                        version: int | None = None, label: str | None = None):
+        """MultiInference: ``tasks`` are (signature name, "classify" or "regress") pairs of one
+        model, all run on the same examples; returns the response (one result a task, in order)."""
+        from tensorflow_serving.apis import inference_pb2
+
+        req = inference_pb2.MultiInferenceRequest()
+        for signature_name, method in tasks:
+            task = req.tasks.add()
+            self._spec(task.model_spec, model, version, label, signature_name)
+            task.method_name = {"classify": "tensorflow/serving/classify",
+                                "regress": "tensorflow/serving/regress"}.get(method, method)
+        self._fill_examples(req.input, examples)
+        return self._call(self.predictions.MultiInference, req)
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None):
         from tensorflow_serving.apis import get_model_metadata_pb2

@@ -39,7 +39,7 @@ def _array_to_tensor(a: np.ndarray):
 
 
 class PredictionServicer:
-    """Predict, Classify, Regress, GetModelMetadata (MultiInference is unimplemented)."""
+    """Predict, Classify, Regress, MultiInference, GetModelMetadata."""
 
     def __init__(self, manager: ModelManager, predict_fn=None, metrics=None):
         self.manager, self.metrics = manager, metrics
@@ -104,7 +104,9 @@ class PredictionServicer:
         return self._examples("regress", request, context, service.regress)
 
     def MultiInference(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented by tf-bus serve")
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return self._call("multi_inference", name, context,
+                          lambda: service.multi_inference(self.manager.resolve, request))
 
     def GetModelMetadata(self, request, context):
         def run():

@@ -203,6 +203,57 @@ def regress(servable: Servable, signature_name: str, input_proto):
     return result
 
 
+def multi_inference(resolve, request):
+    """MultiInference as TensorFlowMultiInferenceRunner: classify and regress tasks of one
+    model version over one ``Input``; returns a ``MultiInferenceResponse``.
+
+    ``resolve(name, version, label)`` finds the servable the first task names."""
+    from tensorflow_serving.apis import inference_pb2
+
+    if not request.tasks:
+        raise invalid("Expected at least one task")
+    spec = request.tasks[0].model_spec
+    which = spec.WhichOneof("version_choice")
+    servable = resolve(spec.name, spec.version.value if which == "version" else None,
+                       spec.version_label if which == "version_label" else None)
+    model_name, seen, input_tensor = "", set(), None
+    for task in request.tasks:
+        if not task.model_spec.name:
+            raise invalid("Found ModelSpec with an empty model name.")
+        if model_name and task.model_spec.name != model_name:
+            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        model_name = task.model_spec.name
+        name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if name in seen:
+            raise invalid(f"Duplicate evaluation of signature: {name}")
+        seen.add(name)
+        sig = servable.signature_defs.get(name)
+        if sig is None:
+            raise invalid(f"Requested signature not found in model graph: {name}")
+        kind = {CLASSIFY_METHOD: "classification", REGRESS_METHOD: "regression"}.get(task.method_name)
+        if kind is None:
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {task.method_name}")
+        if sig.method_name != task.method_name:
+            raise invalid(f"Expected {kind} signature method_name to be {task.method_name}. Was: {sig.method_name}")
+        if len(sig.inputs) != 1:
+            raise invalid("Expected one input Tensor.")
+        tensor = next(iter(sig.inputs.values())).name
+        if input_tensor is not None and tensor != input_tensor:
+            raise invalid("Input tensor must be the same for all Signatures.")
+        input_tensor = tensor
+    response = inference_pb2.MultiInferenceResponse()
+    for task in request.tasks:
+        name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        result = response.results.add()
+        result.model_spec.name, result.model_spec.signature_name = model_name, name
+        result.model_spec.version.value = servable.version
+        if task.method_name == CLASSIFY_METHOD:
+            result.classification_result.CopyFrom(classify(servable, name, request.input))
+        else:
+            result.regression_result.CopyFrom(regress(servable, name, request.input))
+    return response
+
+
 def metadata_response(servable: Servable, metadata_fields: list[str]):
     """A ``GetModelMetadataResponse`` with the ``signature_def`` field (the only one TF Serving has)."""
     from tensorflow_serving.apis import get_model_metadata_pb2
