@@ -31,3 +31,22 @@ def write_half_plus_two(path: Path, a: float = 0.5, b: float = 2.0) -> Path:
             builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map=sigs)
         builder.save()
     return path
+
+
+def write_two_inputs(path: Path) -> Path:
+    """Two regress signatures over two different serialized-Example inputs (TF Serving's
+    "Input tensor must be the same for all Signatures" case)."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    with tf.Graph().as_default():
+        sigs = {}
+        for name in ("a", "b"):
+            serialized = v1.placeholder(tf.string, [None], name=f"examples_{name}")
+            x = tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+            sigs[f"regress_{name}"] = v1.saved_model.regression_signature_def(serialized, tf.identity(x, name=f"y_{name}"))
+        builder = v1.saved_model.Builder(str(path))
+        with v1.Session() as sess:
+            builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map=sigs)
+        builder.save()
+    return path

@@ -275,6 +275,27 @@ def test_grpc_multi_inference_errors_are_tf_servings(server, tasks, with_input, 
         assert (info.value.code().name, info.value.details()) == (code, message)
 
 
+def test_multi_inference_refuses_signatures_with_different_inputs(tmp_path):
+    from serving_models import write_two_inputs
+    from tensorflow_serving.apis import inference_pb2
+
+    from tf_bus.serving import service
+    from tf_bus.serving.core import ModelManager, ServingError, single_model_config
+
+    write_two_inputs(tmp_path / "two" / "1")
+    manager = ModelManager(single_model_config("two", str(tmp_path / "two")), poll_seconds=0)
+    manager.start()
+    req = inference_pb2.MultiInferenceRequest()
+    req.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+    for name in ("regress_a", "regress_b"):
+        task = req.tasks.add()
+        task.model_spec.name, task.model_spec.signature_name, task.method_name = "two", name, REGRESS
+    with pytest.raises(ServingError, match="^Input tensor must be the same for all Signatures.$"):
+        service.multi_inference(manager.resolve, req)
+    del req.tasks[1]
+    assert service.multi_inference(manager.resolve, req).results[0].regression_result.regressions[0].value == 2.0
+
+
 # ------------------------------------------------------------------ tf-bus models over both protocols
 
 def test_tf_bus_models_answer_the_same_over_rest_grpc_and_in_process(server, base):
