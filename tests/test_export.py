@@ -72,6 +72,24 @@ def test_classifier_export_matches_the_keras_model(tiny_runs, tmp_path, images):
     assert stored_values(info["path"]) == model.count_params()
 
 
+def test_export_writes_tf_servings_warmup_request_and_it_replays(tiny_runs, tmp_path):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from tf_bus.serving import service
+    from tf_bus.serving.core import load_servable
+
+    info = export_run(tiny_runs["segmenter"], tmp_path / "models", "busi_segmenter")
+    path = Path(info["path"], "assets.extra", "tf_serving_warmup_requests")
+    (raw,) = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+    record = prediction_log_pb2.PredictionLog.FromString(raw)
+    req = record.predict_log.request
+    assert (req.model_spec.name, req.model_spec.signature_name, list(req.inputs)) == (
+        "busi_segmenter", "serving_default", ["images"])
+    (png,) = tf.make_ndarray(req.inputs["images"])
+    assert Image.open(io.BytesIO(png)).size == (560, 480) and path.stat().st_size < 20_000
+    assert service.warmup(load_servable("busi_segmenter", 1, info["path"])) == 1
+
+
 @pytest.mark.parametrize("postprocess", ["none", "largest"])
 def test_segmenter_export_returns_masks_at_each_inputs_own_size(tiny_runs, tmp_path, images, postprocess):
     from tf_bus.evaluation import postprocess_mask

@@ -1,7 +1,8 @@
 """`tf-bus serve`'s model config as TF Serving's ServerCore handles it: version labels
 checked against loaded versions (and the flags that relax that), HandleReloadConfigRequest
 over gRPC, and --model_config_file_poll_wait_seconds, on a real server on loopback over
-half_plus_two SavedModels."""
+half_plus_two SavedModels; SavedModel warmup (assets.extra/tf_serving_warmup_requests)
+replayed at load time."""
 
 from __future__ import annotations
 
@@ -239,3 +240,86 @@ def test_an_edited_config_file_is_applied_by_the_poller(models, tmp_path, caplog
             assert y(c, "c", label="canary") == 7.0
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------ SavedModel warmup
+
+def warmup_records(*kinds: str) -> list[bytes]:
+    """PredictionLog records of half_plus_two requests, one of each kind."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import (classification_pb2, inference_pb2, predict_pb2, prediction_log_pb2,
+                                         regression_pb2)
+
+    def examples(input_proto):
+        input_proto.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+
+    out = []
+    for kind in kinds:
+        log = prediction_log_pb2.PredictionLog()
+        if kind == "predict":
+            req = predict_pb2.PredictRequest()
+            req.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0, 2.0], dtype=tf.float32))
+            log.predict_log.request.CopyFrom(req)
+        elif kind == "predict_bad":
+            log.predict_log.request.model_spec.signature_name = "nope"
+        elif kind == "classify":
+            req = classification_pb2.ClassificationRequest()
+            req.model_spec.signature_name = "classify_x_to_y"
+            examples(req.input)
+            log.classify_log.request.CopyFrom(req)
+        elif kind == "regress":
+            req = regression_pb2.RegressionRequest()
+            req.model_spec.signature_name = "regress_x_to_y"
+            examples(req.input)
+            log.regress_log.request.CopyFrom(req)
+        elif kind == "multi":
+            req = inference_pb2.MultiInferenceRequest()
+            task = req.tasks.add()
+            task.model_spec.name, task.model_spec.signature_name = "w", "regress_x_to_y"
+            task.method_name = "tensorflow/serving/regress"
+            examples(req.input)
+            log.multi_inference_log.request.CopyFrom(req)
+        elif kind == "session_run":
+            log.session_run_log.SetInParent()
+        out.append(log.SerializeToString())
+    return out
+
+
+def with_warmup(path: Path, records: list[bytes]) -> Path:
+    import tensorflow as tf
+
+    write_half_plus_two(path)
+    (path / "assets.extra").mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(path / "assets.extra" / "tf_serving_warmup_requests")) as w:
+        for r in records:
+            w.write(r)
+    return path
+
+
+@pytest.mark.parametrize("records,flags,state,log_or_error", [
+    (warmup_records("predict", "classify", "regress", "multi"), {"num_request_iterations_for_warmup": 2},
+     "AVAILABLE", "Number of warmup records read: 4."),
+    (warmup_records("predict"), {"enable_model_warmup": False}, "AVAILABLE", None),
+    (warmup_records("predict", "predict_bad"), {}, "END",
+     'record 2: Serving signature key "nope" not found.'),
+    (warmup_records("session_run"), {}, "END", "Unsupported log_type for warmup: session_run_log"),
+    (warmup_records("predict") * 1001, {}, "END", "Number of warmup records exceeds the maximum (1000) at "),
+    ([b"not a PredictionLog"], {}, "END", "Failed to parse warmup record 1 from "),
+])
+def test_warmup_requests_are_replayed_before_a_version_serves(tmp_path, caplog, records, flags, state, log_or_error):
+    with_warmup(tmp_path / "w" / "1", records)
+    (tmp_path / "models.config").write_text(config_text(("w", tmp_path / "w")))
+    with caplog.at_level("INFO", logger="tf_bus.serving"):
+        opts = ServerOptions(port=0, rest_api_port=0, grpc_host="127.0.0.1",
+                             model_config_file=str(tmp_path / "models.config"), file_system_poll_wait_seconds=0,
+                             **flags)
+        srv = ModelServer(opts).start()
+        srv.stop()
+    ((version, got, error),) = srv.manager.status("w")
+    assert (version, got) == (1, state), error
+    logs = [r.getMessage() for r in caplog.records]
+    warmed = [m for m in logs if m.startswith("Finished reading warmup data for model at ")]
+    if state == "AVAILABLE":
+        assert (log_or_error in warmed[0]) if log_or_error else not warmed, logs
+    else:
+        assert log_or_error in error and not warmed, error

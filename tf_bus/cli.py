@@ -848,6 +848,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--force_allow_any_version_labels_for_unavailable_models", type=_flag_bool, nargs="?",
                    const=True, default=False, metavar="BOOL",
                    help="let any label, also one moved to another version, name a version not loaded yet")
+    p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=d.enable_model_warmup,
+                   metavar="BOOL", help="replay each version's assets.extra/tf_serving_warmup_requests (tf-bus export "
+                                        "writes one) before it serves, so the first request is not slow "
+                                        "(default: true)")
+    p.add_argument("--num_request_iterations_for_warmup", type=int, default=d.num_request_iterations_for_warmup,
+                   help=f"times each warmup request is replayed (default: {d.num_request_iterations_for_warmup})")
     p.add_argument("--rest_api_max_body_bytes", type=int, default=d.rest_api_max_body_bytes,
                    help="larger REST bodies are refused with HTTP 413 (default: 64 MiB)")
     p.add_argument("--grpc_max_message_bytes", type=int, default=d.grpc_max_message_bytes,
@@ -871,6 +877,8 @@ def _cmd_serve(args) -> int:
         monitoring_config_file=args.monitoring_config_file,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        enable_model_warmup=args.enable_model_warmup,
+        num_request_iterations_for_warmup=args.num_request_iterations_for_warmup,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         force_allow_any_version_labels_for_unavailable_models=args.force_allow_any_version_labels_for_unavailable_models,
         rest_api_max_body_bytes=args.rest_api_max_body_bytes, grpc_max_message_bytes=args.grpc_max_message_bytes,

@@ -28,6 +28,11 @@ pixel values in [0, 255], for clients that decode and resize themselves. Outputs
 
 ``assets.extra/tf_bus.json`` records the kind, input size, class names, threshold,
 post-processing and source run; TF Serving ignores it, `tf-bus predict` reads it.
+
+``assets.extra/tf_serving_warmup_requests`` is TF Serving's SavedModel warmup file (a
+TFRecord of ``PredictionLog``): one ``serving_default`` request with a 480x560 grey PNG,
+which TF Serving and `tf-bus serve` replay at load time, before the version is AVAILABLE,
+so the first client request does not pay for the lazy initialisation of the graph.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tf_bus.training.common import read_run_record
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_TENSOR = "predict_tensor"
+WARMUP_FILE = "tf_serving_warmup_requests"  # TF Serving's name, under assets.extra/
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -271,9 +277,37 @@ def version_dir(model_base_path, name: str, version: int | None) -> tuple[Path, 
     return model_dir, version
 
 
+def warmup_image() -> bytes:
+    """A BUSI-sized (480x560) grey PNG: a smooth pattern, a few KB."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:480, 0:560]
+    buf = io.BytesIO()
+    Image.fromarray(((x // 4 + y // 4) % 256).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_warmup_requests(path: Path, model_name: str) -> Path:
+    """TF Serving's warmup file: one PredictionLog, a ``serving_default`` PredictRequest of
+    one encoded image (the input every tf-bus export's ``serving_default`` takes)."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = model_name, SERVING_DEFAULT
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto([warmup_image()], dtype=tf.string))
+    record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(record.SerializeToString())
+    return path
+
+
 def write_version(archive, model_dir: Path, version: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Writes ``archive`` (a ``keras.export.ExportArchive``) and ``assets.extra/tf_bus.json``
-    to a temporary folder beside ``model_dir/version`` and renames it there."""
+    """Writes ``archive`` (a ``keras.export.ExportArchive``), ``assets.extra/tf_bus.json``
+    and the warmup requests to a temporary folder beside ``model_dir/version`` and renames
+    it there."""
     final = model_dir / str(version)
     tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"  # not numeric: TF Serving ignores it
     try:
@@ -285,6 +319,7 @@ def write_version(archive, model_dir: Path, version: int, meta: dict[str, Any]) 
         finally:
             tf_log.setLevel(level)
         write_json_atomic(tmp / "assets.extra" / "tf_bus.json", meta)
+        write_warmup_requests(tmp / "assets.extra" / WARMUP_FILE, meta["model_name"])
         os.rename(tmp, final)
     finally:
         if tmp.exists():

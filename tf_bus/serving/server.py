@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tf_bus.serving.core import (ModelConfigError, ModelManager, ServingError, parse_model_config_file,
-                                 single_model_config)
+from tf_bus.serving.core import (ModelConfigError, ModelManager, ServingError, load_servable,
+                                 parse_model_config_file, single_model_config)
 
 log = logging.getLogger("tf_bus.serving")
 
@@ -38,6 +38,8 @@ class ServerOptions:
     model_config_file_poll_wait_seconds: float = 0.0
     allow_version_labels_for_unavailable_models: bool = False
     force_allow_any_version_labels_for_unavailable_models: bool = False
+    enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 1
     rest_api_max_body_bytes: int = 64 << 20
     grpc_max_message_bytes: int = 64 << 20
     grpc_max_threads: int = 16
@@ -73,7 +75,7 @@ class ModelServer:
             raise ValueError("give --model_config_file, or --model_base_path (with --model_name)")
         try:
             self.manager = ModelManager(
-                config, poll_seconds=opts.file_system_poll_wait_seconds,
+                config, poll_seconds=opts.file_system_poll_wait_seconds, loader=self._load,
                 allow_labels_for_unavailable=opts.allow_version_labels_for_unavailable_models,
                 force_allow_labels=opts.force_allow_any_version_labels_for_unavailable_models)
         except ModelConfigError as e:
@@ -97,6 +99,15 @@ class ModelServer:
             self.batcher = Batcher(settings)
         self._done, self._stopping = threading.Event(), threading.Event()
         self.rest_port = self.grpc_port = None
+
+    def _load(self, name: str, version: int, path: str):
+        """Loads a version, then replays its warmup requests (--enable_model_warmup)."""
+        from tf_bus.serving import service
+
+        servable = load_servable(name, version, path)
+        if self.opts.enable_model_warmup:
+            service.warmup(servable, self.opts.num_request_iterations_for_warmup)
+        return servable
 
     def start(self) -> "ModelServer":
         from tf_bus.serving.grpc_api import make_grpc_server

@@ -284,3 +284,69 @@ def status_response(rows: list[tuple[int, str, str]]):
         s.status.error_code = 0 if not error else 2  # OK / UNKNOWN (tensorflow.error.Code)
         s.status.error_message = error
     return resp
+
+
+WARMUP_PATH = ("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000  # TF Serving's kMaxNumRecords
+
+
+def warmup(servable: Servable, iterations: int = 1) -> int:
+    """Replays the SavedModel's ``assets.extra/tf_serving_warmup_requests`` (a TFRecord of
+    ``PredictionLog``) ``iterations`` times each, as TF Serving does before a version is
+    AVAILABLE; returns the number of records. An error fails the load, as in TF Serving."""
+    import logging
+    import os
+    import time
+
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    log = logging.getLogger("tf_bus.serving")
+    path = os.path.join(servable.path, *WARMUP_PATH)
+    if not os.path.exists(path):
+        log.info("No warmup data file found at %s", path)
+        return 0
+    iterations = max(1, iterations)
+    log.info("Starting to read warmup data for model at %s with model-warmup-options num_request_iterations: %d",
+             path, iterations)
+    t0, n = time.perf_counter(), 0
+    try:
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            n += 1
+            if n > MAX_WARMUP_RECORDS:
+                raise invalid(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}")
+            try:
+                record = prediction_log_pb2.PredictionLog.FromString(raw)
+            except DecodeError:
+                raise invalid(f"Failed to parse warmup record {n} from {path}: not a PredictionLog") from None
+            try:
+                for _ in range(iterations):
+                    _replay(servable, record)
+            except ServingError as e:
+                raise ServingError(e.code, f"Warmup request failed at {path}, record {n}: {e.message}") from None
+    except tf.errors.OpError as e:
+        raise invalid(f"Failed to read warmup records at {path}: {e.message}") from None
+    log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d. Elapsed time "
+             "(microseconds): %d.", path, n, int((time.perf_counter() - t0) * 1e6))
+    return n
+
+
+def _replay(servable: Servable, record) -> None:
+    import tensorflow as tf
+
+    kind = record.WhichOneof("log_type")
+    if kind == "predict_log":
+        req = record.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+        predict(servable, req.model_spec.signature_name, inputs, list(req.output_filter) or None)
+    elif kind == "classify_log":
+        req = record.classify_log.request
+        classify(servable, req.model_spec.signature_name, req.input)
+    elif kind == "regress_log":
+        req = record.regress_log.request
+        regress(servable, req.model_spec.signature_name, req.input)
+    elif kind == "multi_inference_log":
+        multi_inference(lambda *_: servable, record.multi_inference_log.request)
+    else:
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}")
