@@ -138,7 +138,10 @@ class ModelServer:
         the config in force is not reloaded; one that differs (edited, or a gRPC reload
         changed the config since) is, as TF Serving reloads the file at every poll."""
         while not self._stopping.wait(self.opts.model_config_file_poll_wait_seconds):
-            self.reload_config_file()
+            try:
+                self.reload_config_file()
+            except Exception:  # the poller must never die
+                log.exception("config file poll failed")
 
     def reload_config_file(self) -> bool:
         """Reads --model_config_file and applies it unless it is the config in force;
