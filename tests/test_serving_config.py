@@ -121,6 +121,8 @@ def test_reload_config_adds_removes_and_relabels_models_without_a_restart(models
             # the same reload from a file, through the client
             (tmp_path / "only_b.config").write_text(config_text(("b", models / "b", labelled)))
             c.reload_config(tmp_path / "only_b.config")
+            with pytest.raises(ValueError, match="missing.config: No such file or directory"):
+                c.reload_config(tmp_path / "missing.config")  # named, before anything is sent
             assert srv.manager.model_names() == ["b"]
             with pytest.raises(ServingClientError) as info:
                 y(c, "a")

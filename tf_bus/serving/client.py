@@ -18,7 +18,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,12 +258,13 @@ class GrpcClient:
     def reload_config(self, config):
         """ModelService.HandleReloadConfigRequest with a ModelServerConfig, or the path of
         its text proto (a ``--model_config_file``); returns once new models are loaded."""
-        from google.protobuf import text_format
         from tensorflow_serving.apis import model_management_pb2
         from tensorflow_serving.config import model_server_config_pb2
 
+        from tf_bus.serving.core import parse_model_config_file
+
         if not isinstance(config, model_server_config_pb2.ModelServerConfig):
-            config = text_format.Parse(Path(config).read_text(), model_server_config_pb2.ModelServerConfig())
+            config = parse_model_config_file(config)  # a ValueError naming the file when it is not one
         return self._call(self.models.HandleReloadConfigRequest,
                           model_management_pb2.ReloadConfigRequest(config=config))
 
