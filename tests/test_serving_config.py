@@ -309,6 +309,7 @@ def with_warmup(path: Path, records: list[bytes]) -> Path:
     ([b"not a PredictionLog"], {}, "END", "Failed to parse warmup record 1 from "),
 ])
 def test_warmup_requests_are_replayed_before_a_version_serves(tmp_path, caplog, records, flags, state, log_or_error):
+    flags = {"max_num_load_retries": 0, **flags}  # a failed load is final at once
     with_warmup(tmp_path / "w" / "1", records)
     (tmp_path / "models.config").write_text(config_text(("w", tmp_path / "w")))
     with caplog.at_level("INFO", logger="tf_bus.serving"):
@@ -325,3 +326,46 @@ def test_warmup_requests_are_replayed_before_a_version_serves(tmp_path, caplog, 
         assert (log_or_error in warmed[0]) if log_or_error else not warmed, logs
     else:
         assert log_or_error in error and not warmed, error
+
+
+# ------------------------------------------------------------------ --max_num_load_retries
+
+def test_a_version_that_fails_to_load_is_retried_then_left_failed_until_it_comes_back(tmp_path, caplog):
+    import shutil
+
+    from tf_bus.serving.core import ModelManager, single_model_config
+
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    manager = ModelManager(single_model_config("m", str(tmp_path / "m")), poll_seconds=0, max_load_retries=2,
+                           load_retry_interval=0)
+    slow = ModelManager(single_model_config("m", str(tmp_path / "m")), poll_seconds=0, max_load_retries=2,
+                        load_retry_interval=60)
+
+    def failed_loads():
+        return sum(r.getMessage().startswith("Loading servable: {name: m version: 1} failed: DecodeError")
+                   for r in caplog.records)
+
+    with caplog.at_level("INFO", logger="tf_bus.serving"):
+        manager.poll_once()
+        assert manager.status("m") == [(1, "LOADING", "")] and failed_loads() == 1
+        manager.poll_once()
+        manager.poll_once()
+        ((version, state, error),) = manager.status("m")
+        assert (version, state) == (1, "END") and "Error parsing message" in error
+        messages = [r.getMessage() for r in caplog.records]
+        assert "Retrying of Loading servable: {name: m version: 1} retry: 2" in messages
+        assert "Retrying of Loading servable: {name: m version: 1} exhausted max_num_retries: 2" in messages
+        for _ in range(3):
+            manager.poll_once()
+        assert failed_loads() == 3, "not tried again after the retries are spent"
+        t0 = time.monotonic()
+        assert manager.wait_until_available(30) is False and time.monotonic() - t0 < 5
+        slow.poll_once()
+        slow.poll_once()
+        assert failed_loads() == 4, "the next try waits for the retry interval"
+        shutil.rmtree(tmp_path / "m" / "1")
+        manager.poll_once()  # gone: its failures are forgotten
+        write_half_plus_two(tmp_path / "m" / "1")
+        manager.poll_once()
+    assert manager.status("m") == [(1, "AVAILABLE", "")] and manager.wait_until_available(1)

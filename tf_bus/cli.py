@@ -854,6 +854,11 @@ def _add_serve(sub) -> None:
                                         "(default: true)")
     p.add_argument("--num_request_iterations_for_warmup", type=int, default=d.num_request_iterations_for_warmup,
                    help=f"times each warmup request is replayed (default: {d.num_request_iterations_for_warmup})")
+    p.add_argument("--max_num_load_retries", type=int, default=d.max_num_load_retries,
+                   help="times a version that failed to load is tried again before it is left failed (END, with "
+                        f"its error, until it leaves the disk and comes back) (default: {d.max_num_load_retries})")
+    p.add_argument("--load_retry_interval_micros", type=int, default=d.load_retry_interval_micros,
+                   help="microseconds between those tries (default: 60000000, one minute)")
     p.add_argument("--rest_api_max_body_bytes", type=int, default=d.rest_api_max_body_bytes,
                    help="larger REST bodies are refused with HTTP 413 (default: 64 MiB)")
     p.add_argument("--grpc_max_message_bytes", type=int, default=d.grpc_max_message_bytes,
@@ -879,6 +884,7 @@ def _cmd_serve(args) -> int:
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
         enable_model_warmup=args.enable_model_warmup,
         num_request_iterations_for_warmup=args.num_request_iterations_for_warmup,
+        max_num_load_retries=args.max_num_load_retries, load_retry_interval_micros=args.load_retry_interval_micros,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         force_allow_any_version_labels_for_unavailable_models=args.force_allow_any_version_labels_for_unavailable_models,
         rest_api_max_body_bytes=args.rest_api_max_body_bytes, grpc_max_message_bytes=args.grpc_max_message_bytes,

@@ -18,6 +18,11 @@
   ``--allow_version_labels_for_unavailable_models``: a new label, or one kept at its
   version, may name a version not loaded yet; moving a label still needs its target
   loaded) or ``force_allow_labels`` (any label, any version).
+- A version that fails to load is retried ``max_load_retries`` times,
+  ``load_retry_interval`` s apart (TF Serving's ``--max_num_load_retries``, default 5, and
+  ``--load_retry_interval_micros``, default 60 s), reported LOADING meanwhile, then END
+  with its error; it is not tried again until it leaves the disk or the policy and comes
+  back (TF Serving does not reload a servable that errored).
 - ``reload_config`` is ServerCore::ReloadConfig: the same validation, models dropped from
   the list unloaded (their versions reported END), kept models take their new policy and
   base path without being unloaded, new models loaded before it returns. A refused config
@@ -95,6 +100,8 @@ class ModelState:
     # version -> (state name, error message): LOADING, AVAILABLE, UNLOADING, END
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
     problem: str | None = None  # why base_path offers no version, last logged
+    # version -> (failed loads, when the next retry may start, the last error): --max_num_load_retries
+    failures: dict[int, tuple[int, float, str]] = field(default_factory=dict)
 
 
 def parse_model_config_file(path: str | os.PathLike):
@@ -157,7 +164,8 @@ class ModelManager:
     """Loads, serves and unloads model versions (see the module docstring)."""
 
     def __init__(self, server_config, poll_seconds: float = 1.0, loader=load_servable, *,
-                 allow_labels_for_unavailable: bool = False, force_allow_labels: bool = False):
+                 allow_labels_for_unavailable: bool = False, force_allow_labels: bool = False,
+                 max_load_retries: int = 5, load_retry_interval: float = 60.0):
         self._lock = threading.RLock()  # guards the models' states, the label map and the model table
         self._config_lock = threading.Lock()  # one config change at a time (ServerCore's config_mu_)
         self._poll_lock = threading.Lock()  # one poll at a time: the poller and a reload never load twice
@@ -168,6 +176,7 @@ class ModelManager:
         self._poll_seconds = poll_seconds
         self._allow_labels_for_unavailable = allow_labels_for_unavailable
         self._force_allow_labels = force_allow_labels
+        self._max_load_retries, self._load_retry_interval = max(0, max_load_retries), load_retry_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         configs = self._validate(server_config, first=True)
@@ -268,7 +277,7 @@ class ModelManager:
     @staticmethod
     def _why_unavailable(state: ModelState) -> str:
         name = state.config.name
-        failed = [(v, e) for v, (s, e) in sorted(state.states.items()) if s == "END" and e]
+        failed = [(v, e) for v, (_, _, e) in sorted(state.failures.items())]
         if failed:
             v, e = failed[-1]
             return f"{{name: {name} version: {v}}} due to error: {e}"
@@ -309,19 +318,33 @@ class ModelManager:
                     log.warning("%s", problem)
                 state.problem = problem
             want = aspired_versions(state.config, on_disk)
+            for v in [v for v in state.failures if v not in want]:
+                del state.failures[v]  # gone from disk or from the policy: tried afresh if it comes back
             for v in want:
-                if v in state.loaded:
+                tries, next_try, _ = state.failures.get(v, (0, 0.0, ""))
+                if v in state.loaded or tries > self._max_load_retries or time.monotonic() < next_try:
                     continue
+                servable_id = f"{{name: {name} version: {v}}}"
+                if tries:
+                    log.info("Retrying of Loading servable: %s retry: %d", servable_id, tries)
                 path = os.path.join(state.config.base_path, str(v))
                 with self._lock:
                     state.states[v] = ("LOADING", "")
                 try:
                     servable = self._loader(name, v, path)
                 except Exception as e:  # a broken version must not take the server down
-                    log.error("model %s version %s failed to load: %s", name, v, e)
-                    with self._lock:
-                        state.states[v] = ("END", f"{type(e).__name__}: {e}")
+                    error = e.message if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
+                    log.error("Loading servable: %s failed: %s", servable_id, error)
+                    tries += 1
+                    state.failures[v] = (tries, time.monotonic() + self._load_retry_interval, error)
+                    if tries > self._max_load_retries:
+                        if self._max_load_retries:
+                            log.info("Retrying of Loading servable: %s exhausted max_num_retries: %d", servable_id,
+                                     self._max_load_retries)
+                        with self._lock:
+                            state.states[v] = ("END", error)
                     continue
+                state.failures.pop(v, None)
                 with self._lock:
                     state.loaded[v] = servable
                     state.states[v] = ("AVAILABLE", "")
@@ -339,11 +362,17 @@ class ModelManager:
                         log.info("model %s version %s unloaded", name, v)
 
     def wait_until_available(self, timeout: float = 60.0) -> bool:
+        """True once every model has a version loaded; False at ``timeout``, or as soon as
+        each model without one has failed for good (its load retries spent)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with self._lock:
-                if all(s.loaded for s in self._models.values()):
+                waiting = [s for s in self._models.values() if not s.loaded]
+                if not waiting:
                     return True
+                if all(s.failures and all(t > self._max_load_retries for t, _, _ in s.failures.values())
+                       for s in waiting):
+                    return False
             time.sleep(0.05)
         return False
 

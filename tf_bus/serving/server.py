@@ -39,6 +39,8 @@ class ServerOptions:
     allow_version_labels_for_unavailable_models: bool = False
     force_allow_any_version_labels_for_unavailable_models: bool = False
     enable_model_warmup: bool = True
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000
     num_request_iterations_for_warmup: int = 1
     rest_api_max_body_bytes: int = 64 << 20
     grpc_max_message_bytes: int = 64 << 20
@@ -77,7 +79,9 @@ class ModelServer:
             self.manager = ModelManager(
                 config, poll_seconds=opts.file_system_poll_wait_seconds, loader=self._load,
                 allow_labels_for_unavailable=opts.allow_version_labels_for_unavailable_models,
-                force_allow_labels=opts.force_allow_any_version_labels_for_unavailable_models)
+                force_allow_labels=opts.force_allow_any_version_labels_for_unavailable_models,
+                max_load_retries=opts.max_num_load_retries,
+                load_retry_interval=opts.load_retry_interval_micros / 1e6)
         except ModelConfigError as e:
             hint = (" (labels in the startup config name versions not loaded yet: start with "
                     "--allow_version_labels_for_unavailable_models=true, as tensorflow_model_server needs too)"
