@@ -369,3 +369,18 @@ def test_a_version_that_fails_to_load_is_retried_then_left_failed_until_it_comes
         write_half_plus_two(tmp_path / "m" / "1")
         manager.poll_once()
     assert manager.status("m") == [(1, "AVAILABLE", "")] and manager.wait_until_available(1)
+
+
+def test_grpc_also_on_a_unix_socket(models, tmp_path):
+    (tmp_path / "models.config").write_text(config_text(("a", models / "a")))
+    sock = tmp_path / "grpc.sock"
+    srv = start(tmp_path / "models.config", grpc_socket_path=str(sock))
+    try:
+        with GrpcClient(f"unix:{sock}", retries=0) as c:
+            assert y(c, "a") == 3.0
+        with GrpcClient(f"127.0.0.1:{srv.grpc_port}", retries=0) as c:
+            assert y(c, "a") == 3.0  # and on the TCP port as before
+    finally:
+        srv.stop()
+    with pytest.raises(OSError, match="--grpc_socket_path /nonexistent/dir/grpc.sock: cannot listen there"):
+        start(tmp_path / "models.config", grpc_socket_path="/nonexistent/dir/grpc.sock")

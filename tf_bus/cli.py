@@ -865,6 +865,8 @@ def _add_serve(sub) -> None:
                    help="gRPC maximum send/receive message size (default: 64 MiB)")
     p.add_argument("--grpc_max_threads", type=int, default=d.grpc_max_threads,
                    help=f"threads serving gRPC calls (default: {d.grpc_max_threads})")
+    p.add_argument("--grpc_socket_path", default=None,
+                   help="also serve gRPC on this UNIX socket (clients: unix:PATH), e.g. for a sidecar")
     p.add_argument("--ready_file", help="write 'GRPC_PORT REST_PORT' here once serving (for scripts and tests)")
     p.set_defaults(func=_cmd_serve)
 
@@ -888,7 +890,7 @@ def _cmd_serve(args) -> int:
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         force_allow_any_version_labels_for_unavailable_models=args.force_allow_any_version_labels_for_unavailable_models,
         rest_api_max_body_bytes=args.rest_api_max_body_bytes, grpc_max_message_bytes=args.grpc_max_message_bytes,
-        grpc_max_threads=args.grpc_max_threads,
+        grpc_max_threads=args.grpc_max_threads, grpc_socket_path=args.grpc_socket_path,
     )
     try:
         return run(opts, ready_file=args.ready_file)

@@ -146,7 +146,8 @@ class ModelServicer:
 
 
 def make_grpc_server(manager: ModelManager, port: int, host: str = "0.0.0.0", max_workers: int = 16,
-                     max_message_bytes: int = 64 << 20, predict_fn=None, metrics=None) -> tuple[grpc.Server, int]:
+                     max_message_bytes: int = 64 << 20, predict_fn=None, metrics=None,
+                     socket_path: str | None = None) -> tuple[grpc.Server, int]:
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -161,6 +162,11 @@ def make_grpc_server(manager: ModelManager, port: int, host: str = "0.0.0.0", ma
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    if socket_path:  # --grpc_socket_path: the same services on a UNIX socket as well
+        try:
+            server.add_insecure_port(f"unix:{socket_path}")
+        except RuntimeError:
+            raise OSError(f"--grpc_socket_path {socket_path}: cannot listen there (is the folder writable?)") from None
     return server, bound
 
 

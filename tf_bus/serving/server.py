@@ -45,6 +45,7 @@ class ServerOptions:
     rest_api_max_body_bytes: int = 64 << 20
     grpc_max_message_bytes: int = 64 << 20
     grpc_max_threads: int = 16
+    grpc_socket_path: str | None = None
 
 
 def _text_proto(path: str, message, flag: str):
@@ -120,7 +121,7 @@ class ModelServer:
         self.manager.start()
         self.grpc, self.grpc_port = make_grpc_server(
             self.manager, self.opts.port, self.opts.grpc_host, self.opts.grpc_max_threads,
-            self.opts.grpc_max_message_bytes, self.batcher, self.metrics)
+            self.opts.grpc_max_message_bytes, self.batcher, self.metrics, self.opts.grpc_socket_path)
         self.grpc.start()
         self.http = None
         if self.opts.rest_api_port:
