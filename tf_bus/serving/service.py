@@ -1,4 +1,5 @@
-"""Predict, Classify, Regress and metadata over loaded SavedModels, shared by REST and gRPC.
+"""Predict, Classify, Regress, MultiInference and metadata over loaded SavedModels, shared by
+REST and gRPC, and the replay of a SavedModel's warmup requests at load time.
 
 Inputs arrive as numpy arrays (decoded from JSON or from ``TensorProto``) keyed by the
 signature's input aliases; they are checked against the ``SignatureDef`` with TF Serving's
@@ -7,12 +8,17 @@ messages, run through the SavedModel's signature function, and returned as numpy
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import Any
 
 import grpc
 import numpy as np
 
 from tf_bus.serving.core import Servable, ServingError, invalid
+
+log = logging.getLogger("tf_bus.serving")
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -294,15 +300,10 @@ def warmup(servable: Servable, iterations: int = 1) -> int:
     """Replays the SavedModel's ``assets.extra/tf_serving_warmup_requests`` (a TFRecord of
     ``PredictionLog``) ``iterations`` times each, as TF Serving does before a version is
     AVAILABLE; returns the number of records. An error fails the load, as in TF Serving."""
-    import logging
-    import os
-    import time
-
     import tensorflow as tf
     from google.protobuf.message import DecodeError
     from tensorflow_serving.apis import prediction_log_pb2
 
-    log = logging.getLogger("tf_bus.serving")
     path = os.path.join(servable.path, *WARMUP_PATH)
     if not os.path.exists(path):
         log.info("No warmup data file found at %s", path)
