@@ -158,6 +158,40 @@ def test_classification_metrics_by_hand():
     assert pc["normal"]["roc_auc_ovr"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("y, prob, brier, log_loss, ece, bins", [
+    # two right answers at 0.85 and 0.65: bins (0.8, 0.9] and (0.6, 0.7], each off by its gap
+    ([0, 1], [[.85, .1, .05], [.2, .65, .15]],
+     ((.15**2 + .1**2 + .05**2) + (.2**2 + .35**2 + .15**2)) / 2, -(np.log(.85) + np.log(.65)) / 2,
+     (0.15 + 0.35) / 2, [(0.6, 0.7, 1, 1.0, 0.65), (0.8, 0.9, 1, 1.0, 0.85)]),
+    # ten images at 0.75, three of them wrong: bin (0.7, 0.8] holds accuracy 0.7 at 0.75
+    ([0] * 7 + [1] * 3, [[.75, .2, .05]] * 10,
+     (7 * (.25**2 + .2**2 + .05**2) + 3 * (.75**2 + .8**2 + .05**2)) / 10,
+     -(7 * np.log(.75) + 3 * np.log(.2)) / 10, 0.05, [(0.7, 0.8, 10, 0.7, 0.75)]),
+    # a confident wrong answer: ECE 1 - 0 at the top bin; log loss of the clipped 0
+    ([2], [[1.0, 0.0, 0.0]], 2.0, -np.log(1e-15), 1.0, [(0.9, 1.0, 1, 0.0, 1.0)]),
+])
+def test_calibration_metrics_by_hand(y, prob, brier, log_loss, ece, bins):
+    from tf_bus.evaluation import calibration_metrics, classification_metrics
+
+    cal = calibration_metrics(y, np.array(prob))
+    assert cal["brier"] == pytest.approx(brier)
+    assert cal["log_loss"] == pytest.approx(log_loss)
+    assert cal["ece"] == pytest.approx(ece)
+    assert [(b["lower"], b["upper"], b["count"], b["accuracy"], b["confidence"]) for b in cal["bins"]] == \
+        [pytest.approx(b) for b in bins]
+    assert classification_metrics(y, np.array(prob))["calibration"] == cal
+
+
+def test_calibration_of_uniform_answers():
+    from tf_bus.evaluation import calibration_metrics
+
+    cal = calibration_metrics([0, 1, 2], np.full((3, 3), 1 / 3))
+    # Brier 2/3 (the docstring's uninformed answer); ties go to class 0, right once in three
+    assert cal["brier"] == pytest.approx(2 / 3) and cal["ece"] == pytest.approx(0.0)
+    assert cal["bins"] == [pytest.approx({"lower": 0.3, "upper": 0.4, "count": 3, "accuracy": 1 / 3,
+                                          "confidence": 1 / 3})]
+
+
 def test_auc_of_an_absent_class_is_none():
     from tf_bus.evaluation import classification_metrics
 

@@ -259,7 +259,7 @@ def test_fuse_stacks_two_cross_validations(two_cvs, fused, synthetic_release):
     assert result["resnet_alone"]["accuracy"] == pytest.approx(clf_cv["pooled"]["accuracy"])
     assert result["against_resnet"]["accuracy"]["difference"] == pytest.approx(
         result["pooled"]["accuracy"] - clf_cv["pooled"]["accuracy"])
-    for name in ("confusion_matrix.png", "roc.png", "importance.png"):
+    for name in ("confusion_matrix.png", "roc.png", "calibration.png", "importance.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
     # descriptors.csv: every case, and each fold's cases measured again by hand from that fold's U-Net.

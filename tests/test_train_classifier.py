@@ -46,7 +46,7 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
     assert result["n"] == sum(manifest["counts_before_balancing"]["test"].values()) == len(result["per_image"])
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "macro_roc_auc_ovr"} <= set(result)
     assert sum(map(sum, result["confusion_matrix"])) == result["n"]
-    for png in ("confusion_matrix.png", "roc.png"):
+    for png in ("confusion_matrix.png", "roc.png", "calibration.png"):
         assert (run / "eval_test" / png).read_bytes()[:4] == b"\x89PNG"
     # --tta --checkpoint last: the mean of each image's and its mirror's probabilities, from last.keras.
     from tf_bus.data.pipeline import classification_dataset

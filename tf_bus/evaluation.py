@@ -309,7 +309,8 @@ def evaluate_segmenter(
 # --------------------------------------------------------------------------- the classifier
 
 def classification_metrics(y_true, probabilities, class_names=None) -> dict[str, Any]:
-    """Accuracy, per-class and macro precision/recall/F1, one-vs-rest ROC AUC, confusion matrix.
+    """Accuracy, per-class and macro precision/recall/F1, one-vs-rest ROC AUC, confusion matrix,
+    and calibration (``calibration_metrics``).
 
     Args:
         y_true: (N,) int labels.
@@ -344,7 +345,46 @@ def classification_metrics(y_true, probabilities, class_names=None) -> dict[str,
                              "support": int(support[k]), "roc_auc_ovr": auc[name]} for k, name in enumerate(names)},
         "macro_roc_auc_ovr": float(np.mean(defined)) if defined else None,
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "calibration": calibration_metrics(y_true, prob),
         "class_names": names,
+    }
+
+
+def calibration_metrics(y_true, probabilities, n_bins: int = 10) -> dict[str, Any]:
+    """How far the predicted probabilities can be read as frequencies.
+
+    * ``brier``: the multi-class Brier score, the mean over images of
+      sum_k (p_k - [y = k])^2 (0 is perfect; 2 the worst; always answering 1/3 for three
+      classes scores 2/3).
+    * ``log_loss``: the mean of -ln p_y (p clipped to 1e-15).
+    * ``ece``: the expected calibration error of the top class (Guo et al. 2017): images
+      binned by their top probability into ``n_bins`` equal bins (lo, hi], then the mean
+      over images of |accuracy of the bin - mean top probability of the bin|.
+    * ``bins``: each non-empty bin's range, count, accuracy and mean top probability (the
+      reliability diagram).
+    """
+    y_true = np.asarray(y_true, int)
+    prob = np.asarray(probabilities, np.float64)
+    n, c = prob.shape
+    onehot = np.eye(c)[y_true]
+    confidence = prob.max(axis=1)
+    correct = prob.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        inside = which == b
+        if inside.any():
+            acc, conf = float(correct[inside].mean()), float(confidence[inside].mean())
+            ece += inside.sum() / n * abs(acc - conf)
+            bins.append({"lower": round(float(edges[b]), 6), "upper": round(float(edges[b + 1]), 6),
+                         "count": int(inside.sum()), "accuracy": acc, "confidence": conf})
+    return {
+        "brier": float(np.mean(np.sum((prob - onehot) ** 2, axis=1))),
+        "log_loss": float(-np.mean(np.log(np.clip(prob[np.arange(n), y_true], 1e-15, 1.0)))),
+        "ece": float(ece),
+        "n_bins": n_bins,
+        "bins": bins,
     }
 
 
@@ -378,6 +418,25 @@ def _classification_plots(y_true, prob, result, out_dir) -> None:
     ax.set_title("ROC, one vs rest")
     ax.legend(fontsize=8)
     save_png(fig, out_dir / "roc.png")
+
+    cal = result["calibration"]
+    fig, (ax, hist) = subplots(2, 1, figsize=(4.6, 5.2), height_ratios=(3, 1), sharex=True)
+    lower = [b["lower"] for b in cal["bins"]]
+    width = 1.0 / cal["n_bins"]
+    ax.bar(lower, [b["accuracy"] for b in cal["bins"]], width=width, align="edge", edgecolor="black",
+           linewidth=0.6, label="accuracy")
+    ax.plot([lo + width / 2 for lo in lower], [b["confidence"] for b in cal["bins"]], "_", color="tab:red",
+            markersize=14, markeredgewidth=2, label="mean top probability (a bar's target)")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy of the bin")
+    ax.set_title(f"reliability: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f}")
+    ax.legend(fontsize=8, loc="upper left")
+    hist.bar(lower, [b["count"] for b in cal["bins"]], width=width, align="edge", color="grey")
+    hist.set_xlabel("top-class probability")
+    hist.set_ylabel("images")
+    save_png(fig, out_dir / "calibration.png")
 
 
 def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None, tta: bool = False,

@@ -8,14 +8,18 @@ import io
 import os
 from pathlib import Path
 
+# What ``plt.subplots`` hands to ``Figure.subplots`` rather than to the figure.
+_GRID_KWARGS = ("squeeze", "sharex", "sharey", "width_ratios", "height_ratios", "subplot_kw", "gridspec_kw")
+
 
 def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
-    """Like ``plt.subplots`` (``figsize``, ``squeeze`` ...), constrained layout on."""
+    """Like ``plt.subplots`` (``figsize``, ``squeeze``, ``sharex``, ``height_ratios`` ...),
+    constrained layout on."""
     from matplotlib.figure import Figure
 
-    squeeze = kwargs.pop("squeeze", True)
+    grid = {k: kwargs.pop(k) for k in _GRID_KWARGS if k in kwargs}
     fig = Figure(constrained_layout=True, **kwargs)
-    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+    return fig, fig.subplots(nrows, ncols, **grid)
 
 
 def png_bytes(fig, dpi: int = 100) -> bytes:
