@@ -14,7 +14,8 @@ import pytest
 from tf_bus.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier",
-               "evaluate-classifier", "tune", "export", "serve", "predict"]
+               "evaluate-classifier", "tune", "compare", "fuse", "fuse-predict", "export", "serve", "predict",
+               "explain"]
 
 
 def _run(*args, cwd=None):
