@@ -109,7 +109,7 @@ def test_explain_cli_writes_maps_and_lines(run_64, synthetic_release, tmp_path, 
     lines = [json.loads(line) for line in captured.out.splitlines()]
     images = sorted(p for p in folder.iterdir() if "_mask" not in p.name)
     assert len(lines) == len(images) + 1
-    scored, chance = 0, 0.0
+    scored, chance, distances = 0, 0.0, []
     for line in lines:
         image = Image.open(line["image"])
         heat = np.asarray(Image.open(line["heatmap"]))
@@ -121,17 +121,23 @@ def test_explain_cli_writes_maps_and_lines(run_64, synthetic_release, tmp_path, 
         if line["peak"] is not None:
             assert heat[tuple(line["peak"])] == heat.max() == 255
         if "normal" in line["image"]:
-            assert line["peak_in_lesion"] is None  # an empty mask: nothing to point at
+            assert line["peak_in_lesion"] is line["peak_distance_to_lesion"] is None  # nothing to point at
         elif line["peak"] is not None:
             mask = np.asarray(Image.open(line["image"].replace(".png", "_mask.png")).convert("L")) > 127
             for extra in sorted(folder.glob(f"{line['image'].rsplit('/', 1)[1][:-4]}_mask_*.png")):
                 mask |= np.asarray(Image.open(extra).convert("L")) > 127
             assert line["peak_in_lesion"] is bool(mask[tuple(line["peak"])])
+            rows, cols = np.nonzero(mask)
+            nearest = np.hypot(rows - line["peak"][0], cols - line["peak"][1]).min()
+            assert line["peak_distance_to_lesion"] == pytest.approx(nearest, abs=0.01)
+            assert (line["peak_distance_to_lesion"] == 0) is line["peak_in_lesion"]
             assert line["lesion_area_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
             scored += 1
             chance += mask.mean()
+            distances.append(line["peak_distance_to_lesion"])
     assert (f"in the lesion in {sum(1 for line in lines if line['peak_in_lesion'])} of {scored} images with a lesion "
-            f"mask (a point drawn at random: {chance:.1f} expected)") in captured.err
+            f"mask (a point drawn at random: {chance:.1f} expected); median distance from the lesion "
+            f"{np.median(distances):.1f} px") in captured.err
 
     # --target: every image explained for one class; its probabilities do not change.
     assert main(["explain", str(run_64), str(folder), "--out", str(tmp_path / "malignant"),

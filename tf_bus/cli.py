@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -1031,8 +1032,10 @@ def _cmd_explain(args) -> int:
     scored = [r for r in records if r["peak_in_lesion"] is not None]
     if scored:
         hits, chance = sum(r["peak_in_lesion"] for r in scored), sum(r["lesion_area_fraction"] for r in scored)
+        distance = statistics.median(r["peak_distance_to_lesion"] for r in scored)
         print(f"pointing game: the peak falls in the lesion in {hits} of {len(scored)} images with a lesion mask "
-              f"(a point drawn at random: {chance:.1f} expected)", file=sys.stderr)
+              f"(a point drawn at random: {chance:.1f} expected); median distance from the lesion {distance:.1f} px",
+              file=sys.stderr)
     return 0
 
 

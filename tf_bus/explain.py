@@ -16,8 +16,9 @@ Each image gives ``<stem>_gradcam.png`` (the grey image with the map over it, at
 image's own size) and ``<stem>_heatmap.png`` (the map alone, 8-bit grey) and a record:
 the predicted class and probabilities, the class explained, the map's peak in image
 pixels, and, where a BUSI mask lies beside the image (``<stem>_mask.png``,
-``_mask_1.png``, ...), whether that peak falls inside the lesion ("pointing game") and the
-lesion's share of the image (the chance that a point drawn at random would).
+``_mask_1.png``, ...), whether that peak falls inside the lesion ("pointing game"), how far from the
+lesion it lies (pixels, 0 inside), and the lesion's share of the image (the chance that a
+point drawn at random would fall inside).
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def _lesion_mask(image: Path, size: tuple[int, int]) -> np.ndarray | None:
     return union
 
 
+def _distance_to(mask: np.ndarray, point: tuple[int, int]) -> float:
+    """Euclidean distance in pixels from ``point`` (row, column) to the nearest pixel of
+    ``mask`` (0 inside it)."""
+    rows, cols = np.nonzero(mask)
+    return float(np.sqrt(np.min((rows - point[0]) ** 2 + (cols - point[1]) ** 2)))
+
+
 def _overlay_png(grey: np.ndarray, heat: np.ndarray) -> bytes:
     """The grey image with the map in matplotlib's ``jet`` over it, weighted by the map itself
     (cold regions stay grey), as PNG bytes."""
@@ -175,14 +183,15 @@ def explain_images(run_dir, images, out_dir, *, target: str = "predicted", batch
             write_bytes_atomic(overlay_path, _overlay_png(grey, heat))
             row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
             lesion = _lesion_mask(f, size)
+            scored = lesion is not None and bool(lesion.any()) and heat.max() > 0
             records.append({
                 "image": str(f),
                 "class": CLASS_NAMES[int(np.argmax(prob))],
                 "probabilities": {c: round(float(p), 6) for c, p in zip(CLASS_NAMES, prob)},
                 "explained": CLASS_NAMES[int(k)],
                 "peak": [int(row), int(col)] if heat.max() > 0 else None,
-                "peak_in_lesion": bool(lesion[row, col]) if lesion is not None and lesion.any() and heat.max() > 0
-                else None,
+                "peak_in_lesion": bool(lesion[row, col]) if scored else None,
+                "peak_distance_to_lesion": round(_distance_to(lesion, (row, col)), 2) if scored else None,
                 "lesion_area_fraction": round(float(lesion.mean()), 6) if lesion is not None else None,
                 "gradcam": str(overlay_path),
                 "heatmap": str(heat_path),
