@@ -213,7 +213,8 @@ Segmentation metrics are per image and then averaged (`tf-bus evaluate-segmenter
 TPR = |A∩G|/|G|, FPR = |A∪G − G|/|G| (relative to the true area), Jaccard, Dice,
 precision and HD95. Lesion images and normal images (empty truth) are reported apart.
 Classification metrics (`tf-bus evaluate-classifier`) are per class, macro-averaged,
-with a confusion matrix and one-vs-rest ROC curves."""),
+with a confusion matrix, one-vs-rest ROC curves and a reliability diagram (Brier score,
+expected calibration error)."""),
     ("code", """from tf_bus.evaluation import evaluate_classifier, evaluate_segmenter
 
 seg_eval = evaluate_segmenter(unet_run, prepared, "test")
@@ -226,7 +227,25 @@ display(Image(filename=str(unet_run / "eval_test" / "overlays.png"), width=720))
     ("code", """cls_eval = evaluate_classifier(cls_run, prepared, "test")
 display(Markdown(f"**Classifier, test:** accuracy {cls_eval['accuracy']:.3f}, macro-F1 {cls_eval['macro_f1']:.3f}"))
 display(Image(filename=str(cls_run / "eval_test" / "confusion_matrix.png"), width=360))
-display(Image(filename=str(cls_run / "eval_test" / "roc.png"), width=360))"""),
+display(Image(filename=str(cls_run / "eval_test" / "roc.png"), width=360))
+cal = cls_eval["calibration"]
+display(Markdown(f"**Calibration:** Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f}"))
+display(Image(filename=str(cls_run / "eval_test" / "calibration.png"), width=360))"""),
+    ("md", """Where does the classifier look? `explain_images` (`tf-bus explain`) draws Grad-CAM maps
+of the predicted class over each image. With a BUSI mask beside the image it also says
+whether the map's peak falls in the lesion (the "pointing game"). A one-epoch model's
+maps mean little; those of a trained run are discussed in the README."""),
+    ("code", """from tf_bus.explain import explain_images
+
+cases = [next(i.case.image_path for i in read.infos if i.case.label == c) for c in ("benign", "malignant")]
+maps = explain_images(cls_run, cases, work / "explain")
+fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 3.2))
+for ax, m in zip(axes, maps):
+    ax.imshow(PILImage.open(m["gradcam"]))
+    ax.set_title(f"{Path(m['image']).name}: {m['class']}, peak in lesion: {m['peak_in_lesion']}", fontsize=8)
+    ax.axis("off")
+plt.tight_layout()
+plt.show()"""),
     ("md", """## 9. Export for TensorFlow Serving
 
 `export_run` (`tf-bus export`) writes a SavedModel to `<models>/<name>/<version>/`, the
