@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tf_bus.data.busi import TfBusError
-from tf_bus.explain import explain_images, grad_cam
+from tf_bus.explain import _lesion_mask, explain_images, grad_cam
 from tf_bus.models.classifier import build_classifier, inference_model
 
 
@@ -98,6 +98,20 @@ def run_64(tmp_path_factory, prepared):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stem", ["benign (3)", "case [1]", "odd*name"])
+def test_the_lesion_is_the_union_of_its_masks_whatever_the_name(stem, tmp_path):
+    size = (12, 10)
+    first, second = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+    first[1:3, 1:3], second[6:9, 4:6] = 255, 255
+    Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / f"{stem}.png")
+    Image.fromarray(first).save(tmp_path / f"{stem}_mask.png")
+    Image.fromarray(second).save(tmp_path / f"{stem}_mask_1.png")
+    Image.fromarray(np.full(size, 255, np.uint8)).save(tmp_path / f"{stem}x_mask.png")  # another case's mask
+    lesion = _lesion_mask(tmp_path / f"{stem}.png", size)
+    assert lesion.sum() == 4 + 6 and lesion[1, 1] and lesion[8, 5] and not lesion[0, 0]
+    assert _lesion_mask(tmp_path / f"{stem}.png", (10, 12)) is None  # masks of another size: none
+
+
 def test_explain_cli_writes_maps_and_lines(run_64, synthetic_release, tmp_path, capsys):
     from tf_bus.cli import main
 

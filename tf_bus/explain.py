@@ -23,6 +23,7 @@ point drawn at random would fall inside).
 
 from __future__ import annotations
 
+import glob
 import io
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ def _lesion_mask(image: Path, size: tuple[int, int]) -> np.ndarray | None:
     or None if there are none or their size differs from the image's."""
     from PIL import Image
 
-    paths = sorted(image.parent.glob(f"{image.stem}_mask.png")) + sorted(image.parent.glob(f"{image.stem}_mask_*.png"))
+    stem = glob.escape(image.stem)  # a name with [ or * is matched literally
+    paths = sorted(image.parent.glob(f"{stem}_mask.png")) + sorted(image.parent.glob(f"{stem}_mask_*.png"))
     union = None
     for p in paths:
         with Image.open(p) as im:
