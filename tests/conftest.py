@@ -56,18 +56,21 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 @pytest.fixture(scope="session")
 def synthetic_release(tmp_path_factory) -> Path:
     """A 36-case synthetic release (read-only by convention: copy before breaking it)."""
+    from tf_bus.data.busi import RELEASE_DIRNAME
     from tf_bus.data.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("synth") / "busi", n=36, seed=3)
+    # Built once for every xdist worker, like the runs made from it (`two_cvs`, `tiny_runs`):
+    # those record the data path they trained on, and a worker that resumed one with its own
+    # copy's path would be refused as "other settings".
+    root = built_once(tmp_path_factory, "synth", lambda folder: make_synthetic(folder / "busi", n=36, seed=3))
+    return root / "busi" / RELEASE_DIRNAME
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, synthetic_release) -> Path:
     from tf_bus.data.layouts import prepare
 
-    out = tmp_path_factory.mktemp("prepared") / "out"
-    prepare(synthetic_release, out)
-    return out
+    return built_once(tmp_path_factory, "prepared", lambda folder: prepare(synthetic_release, folder / "out")) / "out"
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +85,7 @@ def real_busi() -> Path:
 def real_prepared(tmp_path_factory, real_busi) -> Path:
     from tf_bus.data.layouts import prepare
 
-    out = tmp_path_factory.mktemp("real") / "out"
-    prepare(real_busi, out)
-    return out
+    return built_once(tmp_path_factory, "real", lambda folder: prepare(real_busi, folder / "out")) / "out"
 
 
 def tree_digest(root: Path) -> dict[str, tuple[int, int]]:

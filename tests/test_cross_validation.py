@@ -110,6 +110,7 @@ def test_segmenter_folds_pool_every_case_and_resume(two_cvs, synthetic_release, 
             *CV_SEGMENTER_FLAGS[CV_SEGMENTER_FLAGS.index("--epochs") + 2:]]
     r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5")
     assert r.returncode == 2 and "holds a cross-validation with other settings" in r.stderr
+    assert "config.epochs: 2 in it, 1 now" in r.stderr and "config.seed: 1337 in it, 5 now" in r.stderr, r.stderr
     r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5",
              "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]

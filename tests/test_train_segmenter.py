@@ -251,24 +251,43 @@ def test_fields_added_later_read_as_what_older_runs_did(cls, name, before):
 
 
 @pytest.mark.parametrize("cls", [SegmenterConfig, ClassifierConfig])
-@pytest.mark.parametrize("saved_change, resumes", [
-    (lambda c: c.pop("deterministic"), True),     # saved before the field existed: its old meaning is today's
-    (lambda c: c.update(seed=c["seed"] + 1), False),  # another config: refused
-    (lambda c: c.update(unknown_field=1), False),   # not a config of this class: refused
+@pytest.mark.parametrize("saved_change, resumes, named", [
+    # saved before the field existed: its old meaning is today's
+    (lambda r: r["config"].pop("deterministic"), True, None),
+    (lambda r: r["config"].update(seed=r["config"]["seed"] + 1), False, "config.seed: 1338 in it, 1337 now"),
+    (lambda r: r["config"].update(unknown_field=1), False, "config.unknown_field: 1 in it, '(unset)' now"),
+    (lambda r: r.update(data="/moved"), False, "data: '/moved' in it, '/data' now"),  # the data moved
 ])
-def test_an_unfinished_run_resumes_only_with_the_config_it_was_started_with(cls, saved_change, resumes, tmp_path):
+def test_an_unfinished_run_resumes_only_with_the_config_it_was_started_with(cls, saved_change, resumes, named,
+                                                                           tmp_path):
     from tf_bus.training.common import check_run_dir
 
     record = {"config": json.loads(json.dumps(cls().to_dict())), "data": "/data", "splits_file": None}
     saved = json.loads(json.dumps(record))
-    saved_change(saved["config"])
+    saved_change(saved)
     (tmp_path / "backup").mkdir()
     (tmp_path / "config.json").write_text(json.dumps(saved))
     if resumes:
         assert check_run_dir(tmp_path, record, overwrite=False, config_class=cls) is True
     else:
-        with pytest.raises(TfBusError, match="unfinished run with another config"):
+        with pytest.raises(TfBusError, match="unfinished run with another config") as err:
             check_run_dir(tmp_path, record, overwrite=False, config_class=cls)
+        assert f"({named})" in str(err.value), "the message names the one setting that differs"
+
+
+@pytest.mark.parametrize("saved, wanted, message", [
+    ({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2}}, ""),
+    ({"a": 1}, {"a": 2}, "a: 1 in it, 2 now"),
+    ({"b": {"c": [1, 2]}}, {"b": {"c": [1, 3]}}, "b.c: [1, 2] in it, [1, 3] now"),
+    ({"b": {}}, {"b": {"new": True}}, "b.new: '(unset)' in it, True now"),
+    ({"b": {"c": 1}}, {"b": 5}, "b: {'c': 1} in it, 5 now"),
+    ({f"k{i}": i for i in range(6)}, {f"k{i}": -i for i in range(1, 7)} | {"k0": 0},
+     "k1: 1 in it, -1 now; k2: 2 in it, -2 now; k3: 3 in it, -3 now; k4: 4 in it, -4 now; and 2 more"),
+])
+def test_a_refused_resume_names_what_changed(saved, wanted, message):
+    from tf_bus.training.common import settings_changes
+
+    assert settings_changes(saved, wanted) == message
 
 
 SEG = {"config": {"depth": 5, "loss": "bce_dice"}, "data": "/data"}

@@ -143,6 +143,24 @@ def read_run_record(run_dir: str | Path, expected: str | None = None) -> tuple[s
     return kind, record
 
 
+def settings_changes(saved: Any, wanted: Any, limit: int = 4) -> str:
+    """The settings two run records disagree on, for an error message: ``"seed: 1337 in
+    it, 5 now; data: '/a' in it, '/b' now"`` (dotted paths into nested dicts; at most
+    ``limit`` named, then how many more). Empty when they agree."""
+    changes: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key, "(unset)"), b.get(key, "(unset)"), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            changes.append(f"{path or 'record'}: {a!r} in it, {b!r} now")
+
+    walk(saved, wanted, "")
+    more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more
+
+
 def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
                   outputs: tuple[str, ...] = ("best.keras", "last.keras", "history.csv", "history.json"),
                   config_class: Any = None) -> bool:
@@ -163,9 +181,11 @@ def check_run_dir(run_dir: Path, record: dict[str, Any], overwrite: bool,
             except (ValueError, TypeError):  # not a config of this class: it differs
                 pass
         if old_config != record["config"] or old.get("data") != record["data"]:
+            changes = settings_changes({"config": old_config, "data": old.get("data")},
+                                       {"config": record["config"], "data": record["data"]})
             raise TfBusError(
-                f"{run_dir}: holds an unfinished run with another config or data; resume it with the "
-                "same flags, or pass another --out."
+                f"{run_dir}: holds an unfinished run with another config or data ({changes}); resume it with "
+                "the same flags and data, or pass another --out."
             )
         return True
     if not overwrite:

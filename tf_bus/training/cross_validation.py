@@ -117,8 +117,11 @@ def cross_validate(
     saved = cv_dir / "config.json"
     if saved.exists() and (overwrite or json.loads(saved.read_text()) != record):
         if not overwrite:
-            raise TfBusError(f"{cv_dir}: holds a cross-validation with other settings; pass the same flags to "
-                             "resume it, --overwrite to replace it, or another --out.")
+            from tf_bus.training.common import settings_changes
+
+            changes = settings_changes(json.loads(saved.read_text()), record)
+            raise TfBusError(f"{cv_dir}: holds a cross-validation with other settings ({changes}); pass the same "
+                             "flags and data to resume it, --overwrite to replace it, or another --out.")
         for old in cv_dir.glob("fold_*"):
             shutil.rmtree(old)
         (cv_dir / "cross_validation.json").unlink(missing_ok=True)

@@ -44,6 +44,7 @@ import keras
 from tf_bus.config import ClassifierConfig, TuneConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
+from tf_bus.training.common import settings_changes
 
 PROJECT = "classifier"
 OBJECTIVE = "val_f1"
@@ -265,14 +266,15 @@ def tune_classifier(
               "splits_file": str(splits_file) if splits_file else None}
     saved = out / "tune_config.json"
 
-    def same_search(a: dict, b: dict) -> bool:  # more (or fewer) trials may be asked for on resuming
-        strip = lambda r: {**r, "tune": {k: v for k, v in r["tune"].items() if k != "max_trials"}}  # noqa: E731
-        return strip(a) == strip(b)
+    def search(r: dict) -> dict:  # more (or fewer) trials may be asked for on resuming
+        return {**r, "tune": {k: v for k, v in r["tune"].items() if k != "max_trials"}}
 
     if role != "worker":
-        if saved.exists() and not overwrite and not same_search(json.loads(saved.read_text()), record):
-            raise TfBusError(f"{out}: holds a search with other settings or data. Repeat its flags to resume it, "
-                             "pass --overwrite to start afresh, or pass another --out.")
+        before = search(json.loads(saved.read_text())) if saved.exists() and not overwrite else None
+        if before is not None and before != search(record):
+            changes = settings_changes(before, search(record))
+            raise TfBusError(f"{out}: holds a search with other settings or data ({changes}). Repeat its flags "
+                             "to resume it, pass --overwrite to start afresh, or pass another --out.")
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(saved, record)
         if overwrite:
