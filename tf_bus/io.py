@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -19,6 +19,22 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_atomic(path: str | os.PathLike, save: Callable[[str], Any]) -> None:
+    """``save(tmp)`` to a temporary path beside ``path`` that keeps its suffixes (Keras
+    wants ``.keras`` and ``.weights.h5``), then a rename: a process killed mid-save leaves
+    the previous file or none, never a truncated one that a resume would trust."""
+    p = Path(path)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".weights.h5") else p.suffix
+    tmp = p.with_name(f".{p.name[:len(p.name) - len(suffix)]}.tmp{suffix}")
+    try:
+        save(str(tmp))
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

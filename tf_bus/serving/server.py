@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tf_bus.io import write_bytes_atomic
 from tf_bus.serving.core import (ModelConfigError, ModelManager, ServingError, load_servable,
                                  parse_model_config_file, single_model_config)
 
@@ -187,8 +188,6 @@ class ModelServer:
 def write_models_config(path: str | Path, model_base: str | Path, names) -> Path:
     """Writes TF Serving's ``models.config`` (a ModelServerConfig text proto) serving each
     of ``names`` from ``model_base/<name>/``; returns the path."""
-    from tf_bus.io import write_bytes_atomic
-
     text = "model_config_list {\n" + "".join(
         f'  config {{ name: "{n}" base_path: "{Path(model_base).resolve() / n}" model_platform: "tensorflow" }}\n'
         for n in names) + "}\n"
@@ -233,6 +232,6 @@ def run(opts: ServerOptions, ready_file: str | None = None) -> int:
     print(f"tf-bus serve: gRPC on port {server.grpc_port}, REST on port {server.rest_port}; models: "
           f"{', '.join(server.manager.model_names())}", flush=True)
     if ready_file:
-        Path(ready_file).write_text(f"{server.grpc_port} {server.rest_port}\n")
+        write_bytes_atomic(ready_file, f"{server.grpc_port} {server.rest_port}\n".encode())  # never read half-written
     server.wait()
     return 0

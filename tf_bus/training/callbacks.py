@@ -12,6 +12,8 @@ from typing import Callable
 import keras
 import numpy as np
 
+from tf_bus.io import save_atomic
+
 
 def best_logged(csv_path: str | os.PathLike, monitor: str, mode: str = "max",
                 before_epoch: int | None = None) -> float | None:
@@ -68,9 +70,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         value = float(value)
         if (value > self.best) if self.mode == "max" else (value < self.best):
             self.best = value
-            tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
-            self.to_save(self.model).save(tmp)
-            os.replace(tmp, self.path)
+            save_atomic(self.path, self.to_save(self.model).save)
 
 
 class HistoryCSV(keras.callbacks.CSVLogger):

@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from tf_bus.config import CLASS_NAMES, CLASSIFIER_MONITORS, ClassifierConfig, LoaderConfig
-from tf_bus.io import write_json_atomic
+from tf_bus.io import save_atomic, write_json_atomic
 from tf_bus.models.classifier import build_classifier, inference_model, set_trainable_stages
 from tf_bus.training.callbacks import BestCheckpoint, EMAWeights, HistoryCSV, TimeBudget
 from tf_bus.training.common import (build_before_fit, check_run_dir, leaves_no_empty_run_dir, make_optimizer,
@@ -266,7 +266,7 @@ def train_classifier(
                 h = model.fit(train_ds, epochs=head_epochs, callbacks=callbacks("backup_head"), **fit_kw)
                 for k, v in h.history.items():
                     history.setdefault(k, []).extend(float(x) for x in v)
-                model.save_weights(head_file)
+                save_atomic(head_file, model.save_weights)  # its presence marks the head phase done
             elif head_file.exists():
                 model.load_weights(head_file)
             if not budget.stopped_epoch and head_epochs < config.epochs:
@@ -278,7 +278,7 @@ def train_classifier(
                               callbacks=callbacks("backup"), **fit_kw)
                 for k, v in h.history.items():
                     history.setdefault(k, []).extend(float(x) for x in v)
-        inference_model(model).save(run_dir / "last.keras")
+        save_atomic(run_dir / "last.keras", inference_model(model).save)
     wall = time.perf_counter() - t0
     epochs_run = len(history.get("loss", []))
     summary = {

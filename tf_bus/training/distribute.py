@@ -34,6 +34,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -332,13 +333,67 @@ def worker_run_dir(run_dir, strategy_name: str):
 def backup_and_restore(backup_dir, strategy_name: str):
     """``keras.callbacks.BackupAndRestore``; under ``multiworker`` every worker then takes
     the chief's restored state (weights, optimizer state, epoch), so workers whose own
-    backups stopped at different epochs (one was killed mid-epoch) restart in step."""
+    backups stopped at different epochs (one was killed mid-epoch) restart in step. Both
+    write their files atomically (``_atomic_backup_class``)."""
+    # double_checkpoint: a backup that cannot be read falls back to the previous one.
+    if strategy_name != "multiworker":
+        return _atomic_backup_class()(str(backup_dir), double_checkpoint=True)
+    return _chief_synced_backup_class()(str(backup_dir), double_checkpoint=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _atomic_backup_class():
+    """``keras.callbacks.BackupAndRestore`` whose files are written to a temporary path and
+    renamed. Keras 3.15 truncates ``training_metadata.json`` and then writes it: a process
+    killed between the two (the moment an epoch ends, right after its CSV row) left an empty
+    file, and the resumed run died in ``fit`` on a ``JSONDecodeError``. Here the weights
+    and then the metadata are each replaced whole; a kill between the two renames leaves
+    the next epoch's weights with the previous epoch's number, so that epoch is trained
+    again, never skipped. A metadata file that still cannot be read (written by an
+    earlier version, or a damaged disk) falls back to the previous backup
+    (``double_checkpoint``), and without one fails with the file named."""
     import keras
 
-    # double_checkpoint: a process killed while writing its backup falls back to the previous one.
-    if strategy_name != "multiworker":
-        return keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)
-    return _chief_synced_backup_class()(str(backup_dir), double_checkpoint=True)
+    from tf_bus.data.busi import TfBusError
+    from tf_bus.io import write_json_atomic
+
+    def copy_atomic(src: str, dst: str) -> None:
+        tmp = f"{dst}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            try:
+                super().on_train_begin(logs)
+            except OSError as e:
+                raise TfBusError(f"the backup in {self.backup_dir} cannot be read ({e}); delete that folder to start "
+                                 "this run over from its first epoch") from None
+
+        def _load_model(self):
+            path = self._training_metadata_path
+            if os.path.exists(path):
+                try:
+                    with open(path) as f:
+                        int(json.load(f)["epoch"])
+                except (ValueError, KeyError, TypeError) as e:
+                    # OSError: Keras's on_train_begin then restores the previous backup.
+                    raise OSError(f"{path}: not a backup's metadata ({type(e).__name__}: {e})") from None
+            super()._load_model()
+
+        def _save_model(self):
+            os.makedirs(self.backup_dir, exist_ok=True)
+            if self.double_checkpoint:
+                for src, dst in ((self._weights_path, self._prev_weights_path),
+                                 (self._training_metadata_path, self._prev_training_metadata_path)):
+                    if os.path.exists(src):
+                        copy_atomic(src, dst)
+            tmp = os.path.join(self.backup_dir, "latest.tmp.weights.h5")  # Keras wants the .weights.h5 suffix
+            self.model.save_weights(filepath=tmp, overwrite=True)
+            os.replace(tmp, self._weights_path)
+            write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+    return AtomicBackupAndRestore
 
 
 def chief_value(strategy, value):
@@ -367,14 +422,15 @@ def chief_decides(flag: bool, strategy_name: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _chief_synced_backup_class():
-    import keras
     import tensorflow as tf
 
-    class ChiefSyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    from tf_bus.data.busi import TfBusError
+
+    class ChiefSyncedBackupAndRestore(_atomic_backup_class()):
         def on_train_begin(self, logs=None):
             try:
                 super().on_train_begin(logs)
-            except (OSError, ValueError) as e:
+            except (TfBusError, OSError, ValueError) as e:
                 if task_info()[2]:
                     raise
                 # A worker's own backup is only a spare: its state comes from the chief below.

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from tf_bus.config import LoaderConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
-from tf_bus.io import write_json_atomic
+from tf_bus.io import save_atomic, write_json_atomic
 from tf_bus.models.losses import get_loss
 from tf_bus.models.metrics import DiceScore, IoUScore
 from tf_bus.models.unet import DeepSupervision, UNet
@@ -208,7 +208,7 @@ def train_segmenter(
         with worker_failures(config.strategy), op_determinism(config.deterministic):
             history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                                 verbose=verbose, shuffle=False)  # the dataset shuffles itself
-        unet.save(run_dir / "last.keras")
+        save_atomic(run_dir / "last.keras", unet.save)
     wall = time.perf_counter() - t0
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     epochs_run = len(hist.get("loss", []))

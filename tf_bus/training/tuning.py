@@ -43,7 +43,7 @@ import keras
 
 from tf_bus.config import ClassifierConfig, TuneConfig
 from tf_bus.data.busi import TfBusError
-from tf_bus.io import write_json_atomic
+from tf_bus.io import write_bytes_atomic, write_json_atomic
 from tf_bus.training.common import settings_changes
 
 PROJECT = "classifier"
@@ -157,10 +157,52 @@ def trial_config(tune: TuneConfig, hp) -> ClassifierConfig:
     return dataclasses.replace(base, **over)
 
 
+def _atomic_keras_tuner_json() -> None:
+    """KerasTuner writes ``oracle.json`` and each ``trial.json`` by truncating the file and
+    then writing it: a search killed in between left an empty file, and the next run's
+    resume died inside KerasTuner on a ``JSONDecodeError``. Its one JSON writer
+    (``keras_tuner.src.utils.save_json``, which every state file goes through) is replaced
+    by one that writes a temporary file and renames it, for local paths (others, such as
+    ``gs://``, keep KerasTuner's own). Idempotent."""
+    from keras_tuner.src import utils as kt_utils
+
+    original = kt_utils.save_json
+    if getattr(original, "tf_bus_atomic", False):
+        return
+
+    def save_json(path, obj):
+        if "://" in str(path):
+            return original(path, obj)
+        text = json.dumps(obj)
+        write_bytes_atomic(path, text.encode())
+        return text
+
+    save_json.tf_bus_atomic = True
+    kt_utils.save_json = save_json
+
+
+def unreadable_search_files(project: Path) -> list[Path]:
+    """The JSON files of a KerasTuner project that do not parse (cut off by a kill under an
+    earlier version of tf-bus or KerasTuner); empty when the search can be resumed."""
+    bad = []
+    for f in [project / "oracle.json", *sorted(project.glob("trial_*/*.json"))]:
+        try:
+            if f.is_file():
+                json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            bad.append(f)
+    return bad
+
+
 def _make_tuner(tune: TuneConfig, hypermodel, out: Path, overwrite: bool, strategy=None):
     """The KerasTuner tuner; it builds each trial's model under ``strategy`` (--strategy)."""
     import keras_tuner
 
+    _atomic_keras_tuner_json()
+    if not overwrite and (bad := unreadable_search_files(out / PROJECT)):
+        raise TfBusError(f"{out}: the search cannot be resumed, {len(bad)} of its files were cut off mid-write "
+                         f"({', '.join(str(b) for b in bad[:3])}; tf-bus now writes them whole). Pass --overwrite to "
+                         "start the search afresh, or another --out.")
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
     common = dict(objective=objective, executions_per_trial=tune.executions_per_trial, overwrite=overwrite,
                   directory=str(out), project_name=PROJECT, seed=tune.base.seed, max_consecutive_failed_trials=3,
