@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tf_bus.config import PRECISIONS, ConfigError, SegmenterConfig
-from tf_bus.training.precision import POLICIES, auto_precision, precision_policy, resolve_precision
+from tf_bus.training.precision import (POLICIES, auto_precision, cpu_has_native_bf16, emulated_precision_warning,
+                                       gpu_compute_capabilities, precision_policy, resolve_precision)
 
 AUTO = [
     # (GPU compute capabilities, CPU has native bf16, expected)
@@ -29,6 +30,31 @@ def test_auto_picks_the_precision_of_the_hardware(gpus, cpu_bf16, expected):
     assert auto_precision(gpus, cpu_bf16) == expected
 
 
+@pytest.mark.parametrize("name, gpus, cpu_bf16, warned", [
+    ("mixed_bfloat16", [], False, True),         # emulated: the CPU has no bf16 arithmetic
+    ("mixed_bfloat16", [], True, False),
+    ("mixed_bfloat16", [(8, 0)], False, False),  # the GPU computes it
+    ("float32", [], False, False),
+    ("mixed_float16", [(7, 0)], False, False),
+])
+def test_a_named_precision_this_machine_would_emulate_is_warned_about(name, gpus, cpu_bf16, warned):
+    message = emulated_precision_warning(name, gpus, cpu_bf16)
+    assert (message is not None) == warned
+    if warned:
+        assert "13.8x slower" in message and "--precision auto" in message
+
+
+def test_resolving_mixed_bfloat16_warns_exactly_where_this_cpu_lacks_bf16():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    emulated = [w for w in caught if "emulates it" in str(w.message)]
+    assert len(emulated) == (0 if gpu_compute_capabilities() or cpu_has_native_bf16() else 1)
+
+
+@pytest.mark.filterwarnings("ignore:precision=mixed_bfloat16 on a CPU without native bf16")
 def test_every_named_precision_is_a_keras_policy_and_resolves_to_itself():
     assert set(POLICIES) == set(PRECISIONS) - {"auto"}
     for name in POLICIES:
