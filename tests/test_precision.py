@@ -54,7 +54,6 @@ def test_resolving_mixed_bfloat16_warns_exactly_where_this_cpu_lacks_bf16():
     assert len(emulated) == (0 if gpu_compute_capabilities() or cpu_has_native_bf16() else 1)
 
 
-@pytest.mark.filterwarnings("ignore:precision=mixed_bfloat16 on a CPU without native bf16")
 def test_every_named_precision_is_a_keras_policy_and_resolves_to_itself():
     assert set(POLICIES) == set(PRECISIONS) - {"auto"}
     for name in POLICIES:

@@ -351,7 +351,8 @@ def _atomic_backup_class():
     the next epoch's weights with the previous epoch's number, so that epoch is trained
     again, never skipped. A metadata file that still cannot be read (written by an
     earlier version, or a damaged disk) falls back to the previous backup
-    (``double_checkpoint``), and without one fails with the file named."""
+    (``double_checkpoint``), and without one fails with the file named. At the end of
+    training the folder is renamed away before it is removed."""
     import keras
 
     from tf_bus.data.busi import TfBusError
@@ -380,6 +381,15 @@ def _atomic_backup_class():
                     # OSError: Keras's on_train_begin then restores the previous backup.
                     raise OSError(f"{path}: not a backup's metadata ({type(e).__name__}: {e})") from None
             super()._load_model()
+
+        def on_train_end(self, logs=None):
+            # Renamed away in one step, then removed: a kill during the removal must not
+            # leave metadata without its weights (a resume would start at the last epoch
+            # from freshly initialised weights).
+            if self.delete_checkpoint and os.path.exists(self.backup_dir):
+                trash = f"{self.backup_dir.rstrip(os.sep)}.done-{os.getpid()}"
+                os.replace(self.backup_dir, trash)
+                shutil.rmtree(trash, ignore_errors=True)
 
         def _save_model(self):
             os.makedirs(self.backup_dir, exist_ok=True)
