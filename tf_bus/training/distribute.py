@@ -356,12 +356,7 @@ def _atomic_backup_class():
     import keras
 
     from tf_bus.data.busi import TfBusError
-    from tf_bus.io import write_json_atomic
-
-    def copy_atomic(src: str, dst: str) -> None:
-        tmp = f"{dst}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+    from tf_bus.io import save_atomic, write_json_atomic
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         def on_train_begin(self, logs=None):
@@ -397,10 +392,8 @@ def _atomic_backup_class():
                 for src, dst in ((self._weights_path, self._prev_weights_path),
                                  (self._training_metadata_path, self._prev_training_metadata_path)):
                     if os.path.exists(src):
-                        copy_atomic(src, dst)
-            tmp = os.path.join(self.backup_dir, "latest.tmp.weights.h5")  # Keras wants the .weights.h5 suffix
-            self.model.save_weights(filepath=tmp, overwrite=True)
-            os.replace(tmp, self._weights_path)
+                        save_atomic(dst, functools.partial(shutil.copyfile, src))
+            save_atomic(self._weights_path, functools.partial(self.model.save_weights, overwrite=True))
             write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
     return AtomicBackupAndRestore
