@@ -162,20 +162,17 @@ def test_classifier_training_benchmark_prints_json():
     assert abs(res["bf16_speedup"] - ratio) <= 0.01 * ratio + 0.002
 
 
-def test_classifier_training_benchmark_runs_with_onednn_off():
-    # The flag is applied before TensorFlow is imported: checking --precisions must not import it first.
+def test_classifier_training_benchmark_times_fused_against_keras_batch_norm_with_onednn_off():
+    # One child, two ResNet50s (each trace costs ~15 s): the batch-norm comparison, and --onednn off, which is
+    # applied before TensorFlow is imported (checking --precisions must not import it first).
     out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
-                        "--precisions", "float32", "--batch", "2", "--steps", "1", "--onednn", "off")
-    assert out["onednn_active"] is False and out["results"]["resnet50"]["float32"]["train_images_per_s"] > 0
-
-
-def test_classifier_training_benchmark_times_fused_against_keras_batch_norm():
-    out = run_benchmark("classifier_training.py", "--size", "32", "--backbones", "resnet50",
-                        "--precisions", "float32", "--batch", "2", "--steps", "1", "--batch-norm", "both")
-    assert out["batch_norm"] == "both"
+                        "--precisions", "float32", "--batch", "2", "--steps", "1", "--batch-norm", "both",
+                        "--onednn", "off")
+    assert out["batch_norm"] == "both" and out["onednn_active"] is False
     res = out["results"]["resnet50"]["float32"]
     fused, plain = res["fused_batch_norm"], res["keras_batch_norm"]
     assert fused["parameters"] == plain["parameters"] and fused["forward_gflops_per_image"] == plain["forward_gflops_per_image"]
+    assert fused["train_images_per_s"] > 0 and plain["train_images_per_s"] > 0
     assert res["fused_batch_norm_speedup"] == pytest.approx(
         fused["train_images_per_s"] / plain["train_images_per_s"], rel=0.01)
     assert "bf16_speedup" not in out["results"]["resnet50"]
