@@ -1173,11 +1173,19 @@ def _version() -> str:
     return f"tf-bus {tf_bus.__version__}"
 
 
+# Commands that never import TensorFlow (tested): the others import it first, quietly.
+WITHOUT_TENSORFLOW = frozenset({"synth", "check", "prepare", "stage", "compare"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from tf_bus.data.busi import TfBusError
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if args.command not in WITHOUT_TENSORFLOW:
+        from tf_bus.tflog import import_tensorflow
+
+        import_tensorflow()  # now, so that TF_CPP_MIN_LOG_LEVEL hides its start-up lines (tf_bus.tflog)
     try:
         if getattr(args, "cache_dir", "absent") != "absent":
             from tf_bus.staging import local_data
