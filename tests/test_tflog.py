@@ -141,3 +141,23 @@ def test_a_process_without_stderr_still_imports():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (r.returncode, r.stdout) == (0, "in\n")
+
+
+def test_without_tensorflow_a_command_that_needs_it_says_how_to_install_it(synthetic_release, tmp_path):
+    """TensorFlow is an extra: in a Python without it (here: blocked in sys.modules), a command
+    that needs it is refused in one line naming the extras, and `check` still runs."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tensorflow"] = None  # `import tensorflow` now fails as where it is not installed
+        from tf_bus.cli import main
+        print(main(["eda", {str(synthetic_release)!r}, "--out", "eda"]), main(["check", {str(synthetic_release)!r}]))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "2 0"
+    assert r.stderr.strip().splitlines() == [
+        f"tf-bus eda: error: TensorFlow is not installed for {sys.executable}. It is an extra: pip install -e "
+        "'.[cpu]' (tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs); see the README, \"Installing\". `synth`, `check`, "
+        "`prepare`, `stage` and `compare` run without it."]
+    assert not (tmp_path / "eda").exists()

@@ -1185,7 +1185,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in WITHOUT_TENSORFLOW:
         from tf_bus.tflog import import_tensorflow
 
-        import_tensorflow()  # now, so that TF_CPP_MIN_LOG_LEVEL hides its start-up lines (tf_bus.tflog)
+        try:
+            import_tensorflow()  # now, so that TF_CPP_MIN_LOG_LEVEL hides its start-up lines (tf_bus.tflog)
+        except ModuleNotFoundError as e:
+            if e.name != "tensorflow":
+                raise
+            print(f"tf-bus {args.command}: error: TensorFlow is not installed for {sys.executable}. It is an extra: "
+                  "pip install -e '.[cpu]' (tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs); see the README, "
+                  "\"Installing\". `synth`, `check`, `prepare`, `stage` and `compare` run without it.",
+                  file=sys.stderr)
+            return 2
     try:
         if getattr(args, "cache_dir", "absent") != "absent":
             from tf_bus.staging import local_data

@@ -85,7 +85,7 @@ def filtered_stderr(level: int) -> Iterator[None]:
 def import_tensorflow():
     """``import tensorflow``, without the log lines ``TF_CPP_MIN_LOG_LEVEL`` hides. A no-op
     (the module) once TensorFlow is imported."""
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:
         return sys.modules["tensorflow"]
     with filtered_stderr(min_log_level()):
         import tensorflow
