@@ -123,3 +123,8 @@ def test_demo_on_synthetic_data(tmp_path):
         assert line in r.stdout, line
     for model in ("busi_segmenter", "busi_classifier"):
         assert (tmp_path / "demo" / "models" / model / "1" / "saved_model.pb").is_file()
+    # None of TensorFlow's INFO or WARNING lines at the CLI's level 2, the start-up ones included
+    # (README, "Installing"; here only its DT_BOOL ERROR line remains).
+    from tf_bus.tflog import hidden
+
+    assert [line for line in r.stderr.splitlines() if hidden(line.encode(), 2)] == [], r.stderr
