@@ -84,7 +84,9 @@ def main() -> None:
     if onednn.compared(args, __file__, "classifier_training"):
         return
 
-    import tensorflow as tf
+    from tf_bus.tflog import import_tensorflow
+
+    tf = import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
 
     from tf_bus.training.precision import cpu_has_native_bf16, onednn_enabled
 

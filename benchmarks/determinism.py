@@ -63,6 +63,9 @@ def main() -> None:
     args = ap.parse_args()
     check_counts(ap, args)
     if args.setting:
+        from tf_bus.tflog import import_tensorflow
+
+        import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
         print(json.dumps(child(args)))
         return
     fits: dict[str, list[dict]] = {s: [] for s in SETTINGS}

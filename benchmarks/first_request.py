@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="server starts per model and setting (default: 3)")
     ap.add_argument("--requests", type=int, default=5, help="requests after the first (default: 5)")
     args = ap.parse_args()
+    from tf_bus.tflog import import_tensorflow
+
+    import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
 
     from PIL import Image
 

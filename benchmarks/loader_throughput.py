@@ -79,7 +79,9 @@ def main() -> None:
                     help="also time the cached epochs with copy-paste at probability P on the batches (default: 0, off)")
     args = ap.parse_args()
 
-    import tensorflow as tf
+    from tf_bus.tflog import import_tensorflow
+
+    tf = import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
 
     from tf_bus.data.busi import scan_release
 

@@ -119,7 +119,9 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=6)
     args = ap.parse_args()
 
-    import tensorflow as tf
+    from tf_bus.tflog import import_tensorflow
+
+    tf = import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
     from PIL import Image
 
     from tf_bus.config import ClassifierConfig, SegmenterConfig

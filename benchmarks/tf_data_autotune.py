@@ -31,8 +31,10 @@ def main() -> None:
     args = ap.parse_args()
     check_counts(ap, args)
 
+    from tf_bus.tflog import import_tensorflow
+
+    tf = import_tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL hides (README, "Installing")
     import keras
-    import tensorflow as tf
 
     from tf_bus.training.precision import set_precision
 

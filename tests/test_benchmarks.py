@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tf_bus.tflog import hidden
 from tf_bus.training.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ def run_benchmark(script: str, *args: str, timeout: int = 300) -> dict:
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
                        timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert [line for line in r.stderr.splitlines() if hidden(line.encode(), 3)] == [], r.stderr[-3000:]
     return json.loads(r.stdout)
 
 
