@@ -161,3 +161,22 @@ def test_without_tensorflow_a_command_that_needs_it_says_how_to_install_it(synth
         "'.[cpu]' (tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs); see the README, \"Installing\". `synth`, `check`, "
         "`prepare`, `stage` and `compare` run without it."]
     assert not (tmp_path / "eda").exists()
+
+
+def test_a_stderr_that_went_away_never_blocks_the_writers():
+    """The real stderr is a pipe nobody reads any more: the filter keeps draining, so writing
+    more than a pipe holds (64 KiB) inside the block neither blocks nor fails."""
+    script = textwrap.dedent("""
+        import os
+        r, w = os.pipe()
+        os.close(r)
+        os.dup2(w, 2)
+        from tf_bus.tflog import filtered_stderr
+        with filtered_stderr(2):
+            for _ in range(64):
+                os.write(2, b"x" * 4095 + b"\\n")
+        print("done")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (r.returncode, r.stdout) == (0, "done\n"), r.stderr

@@ -49,7 +49,8 @@ def filtered_stderr(level: int) -> Iterator[None]:
         yield
         return
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         real = os.dup(2)
     except (OSError, ValueError):  # no stderr at all (closed by a daemon): nothing to filter
         yield
@@ -57,6 +58,12 @@ def filtered_stderr(level: int) -> Iterator[None]:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
+
+    def forward(data: bytes) -> None:
+        try:
+            os.write(real, data)
+        except OSError:  # the real stderr went away: keep draining, so that no writer blocks
+            pass
 
     def pump() -> None:
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
@@ -66,16 +73,17 @@ def filtered_stderr(level: int) -> Iterator[None]:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     if not hidden(line, level):
-                        os.write(real, line + b"\n")
+                        forward(line + b"\n")
             if pending and not hidden(pending, level):
-                os.write(real, pending)
+                forward(pending)
 
     thread = threading.Thread(target=pump, name="tf-bus-stderr-filter", daemon=True)
     thread.start()
     try:
         yield
     finally:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         os.dup2(real, 2)  # closes the pipe's write end: the pump reads to its end and stops
         thread.join(timeout=10)
         if not thread.is_alive():
