@@ -41,13 +41,14 @@ def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str,
     import keras
 
     from tf_bus.models.classifier import build_classifier, set_trainable_stages
+    from tf_bus.models.optimizers import FusedAdam  # what the trainers use
     from tf_bus.training.common import build_before_fit
 
     keras.mixed_precision.set_global_policy(precision)
     try:
         model = build_classifier(backbone, None, (size, size), channels=1, fused_batch_norm=fused)
         set_trainable_stages(model, None)
-        model.compile(optimizer="adamw", loss="categorical_crossentropy", jit_compile=False)
+        model.compile(optimizer=FusedAdam(1e-3, weight_decay=1e-4), loss="categorical_crossentropy", jit_compile=False)
         build_before_fit(model)  # one trace of the step, as the trainers do
         rng = np.random.default_rng(0)
         x = (rng.random((batch * steps, size, size, 1)) * 255).astype(np.float32)

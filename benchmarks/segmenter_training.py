@@ -36,6 +36,7 @@ def build(size: int, base: int, depth: int, batch: int, precision: str, fused: b
     import keras
 
     from tf_bus.models.losses import get_loss
+    from tf_bus.models.optimizers import FusedAdam  # what the trainers use
     from tf_bus.models.unet import DeepSupervision, UNet
     from tf_bus.training.common import build_before_fit
 
@@ -45,7 +46,7 @@ def build(size: int, base: int, depth: int, batch: int, precision: str, fused: b
     if deep_supervision:
         model = DeepSupervision(model, deep_supervision)
         counted = model.supervised  # the U-Net's layers and the heads, once each
-    model.compile(optimizer="adamw", loss=get_loss("bce_dice"), jit_compile=False)
+    model.compile(optimizer=FusedAdam(1e-3, weight_decay=1e-4), loss=get_loss("bce_dice"), jit_compile=False)
     build_before_fit(model)  # one trace of the step, as the trainers do
     model.fit(batched_dataset(*data(size, batch * 2), batch), epochs=1, verbose=0)  # trace, as timed
     keras.mixed_precision.set_global_policy("float32")

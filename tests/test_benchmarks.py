@@ -196,3 +196,28 @@ def test_serving_latency_benchmark_prints_json():
     post = out["postprocess_largest"]  # the segmenter (the default model) exported with --postprocess largest too
     assert post["ratio"] == pytest.approx(post["largest_p50_ms"] / post["none_p50_ms"]) and post["mask_components"] >= 1
     assert 0 < post["threshold"] < 1  # the untrained U-Net's median: a ragged mask whatever its initialisation
+
+
+def test_optimizer_benchmark_times_keras_adamw_against_fused_adam_alternately():
+    out = run_benchmark("optimizer.py", "--models", "unet", "--size", "32", "--batch", "2", "--steps", "1",
+                        "--rounds", "2", "--precision", "float32")
+    assert out["precision"] == "float32" and out["rounds"] == 2
+    runs = out["runs"]["unet"]
+    assert set(runs) == {"keras_adamw", "fused_adam"} and all(len(r) == 2 for r in runs.values())
+    assert runs["keras_adamw"][0]["trainable_variables"] == runs["fused_adam"][0]["trainable_variables"] > 0
+    for name, r in runs.items():
+        assert all(x["first_step_s"] > 0 and x["train_images_per_s"] > 0 for x in r)
+        median = out["median"]["unet"][name]
+        assert median["first_step_s"] == pytest.approx(sum(x["first_step_s"] for x in r) / 2, abs=1e-3)
+    m, ratios = out["median"]["unet"], out["ratios"]["unet"]
+    assert ratios["first_step_keras_over_fused"] == pytest.approx(
+        m["keras_adamw"]["first_step_s"] / m["fused_adam"]["first_step_s"], rel=0.01)
+    assert ratios["steady_speedup_fused_over_keras"] == pytest.approx(
+        m["fused_adam"]["train_images_per_s"] / m["keras_adamw"]["train_images_per_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("flags, named", [(["--models", "unet,vgg16"], "'vgg16'"), (["--rounds", "0"], "--rounds")])
+def test_optimizer_benchmark_refuses_bad_flags(flags, named):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "optimizer.py"), *flags], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr

@@ -13,6 +13,7 @@ from typing import Any
 import keras
 
 from tf_bus.data.busi import TfBusError
+from tf_bus.models.optimizers import FusedAdam
 from tf_bus.models.schedules import BudgetedCosine
 
 
@@ -47,14 +48,14 @@ def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epoc
     cosine decay to 1%, by steps or by the time budget, whichever is further: see
     ``BudgetedCosine``), or a constant learning rate (``plateau``/``constant``: the
     ReduceLROnPlateau callback does the rest). ``ema`` above 0 keeps an exponential
-    moving average of the weights with that momentum (give ``fit`` an ``EMAWeights``)."""
+    moving average of the weights with that momentum (give ``fit`` an ``EMAWeights``).
+    Keras's arithmetic, with one fused kernel per variable (``FusedAdam``: a ResNet50
+    training step traces in about two thirds of the time)."""
     lr: Any = learning_rate
     if schedule == "cosine":
         lr = BudgetedCosine(learning_rate, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     averaging: dict[str, Any] = dict(use_ema=True, ema_momentum=ema) if ema > 0 else {}
-    if weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay, **averaging)
-    return keras.optimizers.Adam(learning_rate=lr, **averaging)
+    return FusedAdam(learning_rate=lr, weight_decay=weight_decay if weight_decay > 0 else None, **averaging)
 
 
 def ordered(config) -> bool:
