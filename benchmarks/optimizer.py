@@ -10,7 +10,7 @@ the first run: what every run and every test pays before its first step) and a `
 swapped each round, so that a drifting host affects both alike; medians and ratios are
 printed as JSON.
 
-    python benchmarks/optimizer.py [--models resnet50,unet] [--size 128] [--batch 16] [--steps 5] [--rounds 3]
+    python benchmarks/optimizer.py [--models resnet50,unet] [--size 128] [--batch N] [--steps 5] [--rounds 3]
         [--precision auto]
 """
 
@@ -86,12 +86,13 @@ def time_one(name: str, optimizer: str, size: int, batch: int, steps: int, preci
 
 
 def main() -> None:
-    from tf_bus.config import PRECISIONS
+    from tf_bus.config import PRECISIONS, ClassifierConfig, SegmenterConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,unet", help=f"comma list of {', '.join(MODELS)} (default: resnet50,unet)")
     ap.add_argument("--size", type=int, default=128, help="square input side in pixels (default: 128, the CLI's)")
-    ap.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (default: each trainer's, 16 for the ResNets and 32 for the U-Net)")
     ap.add_argument("--steps", type=int, default=5, help="timed steady training steps after the first (default: 5)")
     ap.add_argument("--rounds", type=int, default=3, help="times each optimizer is timed, alternating (default: 3)")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -102,7 +103,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--models: {unknown[0]!r} is not one of {', '.join(MODELS)}")
     for flag in ("size", "batch", "steps", "rounds"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
 
     from tf_bus.tflog import import_tensorflow
@@ -112,14 +113,16 @@ def main() -> None:
     from tf_bus.training.precision import onednn_enabled, resolve_precision
 
     precision = resolve_precision(args.precision)
-    out = {"benchmark": "optimizer", "size": args.size, "batch": args.batch, "steps": args.steps,
+    batches = {m: args.batch or (SegmenterConfig().batch_size if m == "unet" else ClassifierConfig().batch_size)
+               for m in models}
+    out = {"benchmark": "optimizer", "size": args.size, "batch": batches, "steps": args.steps,
            "rounds": args.rounds, "precision": precision, "cpu_count": os.cpu_count(),
            "tensorflow": tf.__version__, "onednn_active": onednn_enabled(), "runs": {}, "median": {}, "ratios": {}}
     for name in models:
         runs: dict[str, list[dict]] = {o: [] for o in OPTIMIZERS}
         for r in range(args.rounds):
             for optimizer in (OPTIMIZERS if r % 2 == 0 else OPTIMIZERS[::-1]):
-                runs[optimizer].append(time_one(name, optimizer, args.size, args.batch, args.steps, precision))
+                runs[optimizer].append(time_one(name, optimizer, args.size, batches[name], args.steps, precision))
         median = {o: {k: round(statistics.median(run[k] for run in runs[o]), 3) for k in ("first_step_s", "train_images_per_s")}
                   for o in OPTIMIZERS}
         out["runs"][name], out["median"][name] = runs, median

@@ -201,7 +201,7 @@ def test_serving_latency_benchmark_prints_json():
 def test_optimizer_benchmark_times_keras_adamw_against_fused_adam_alternately():
     out = run_benchmark("optimizer.py", "--models", "unet", "--size", "32", "--batch", "2", "--steps", "1",
                         "--rounds", "2", "--precision", "float32")
-    assert out["precision"] == "float32" and out["rounds"] == 2
+    assert out["precision"] == "float32" and out["rounds"] == 2 and out["batch"] == {"unet": 2}
     runs = out["runs"]["unet"]
     assert set(runs) == {"keras_adamw", "fused_adam"} and all(len(r) == 2 for r in runs.values())
     assert runs["keras_adamw"][0]["trainable_variables"] == runs["fused_adam"][0]["trainable_variables"] > 0
