@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,27 @@ def _seed_everything():
         keras.utils.set_random_seed(0)
     except ImportError:  # pragma: no cover - keras is a dependency
         pass
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """``tf-bus ARGS`` run in this process (``tf_bus.cli.main``), with its stdout and stderr
+    captured, as ``subprocess.run`` would return them. A ``tf-bus`` process would spend about
+    5 s importing TensorFlow before it starts; what ``main`` does as a process (exit codes,
+    one-line errors, TensorFlow's log lines) is tested in test_cli.py and test_tflog.py. An
+    exception that escapes ``main`` fails the test with its traceback."""
+    import contextlib
+    import io
+
+    from tf_bus.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's refusals and --help
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["tf-bus", *argv], code, out.getvalue(), err.getvalue())
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
@@ -135,9 +155,8 @@ def two_cvs(synthetic_release, tmp_path_factory) -> tuple[Path, Path]:
     from tf_bus.training.cross_validation import cross_validate
 
     def build(root):
-        r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "train-segmenter", "--data", str(synthetic_release),
-                            "--out", str(root / "seg"), "--folds", "2", *CV_SEGMENTER_FLAGS],
-                           capture_output=True, text=True, timeout=900)
+        r = cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2",
+                *CV_SEGMENTER_FLAGS)
         assert r.returncode == 0, r.stderr[-3000:]
         config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
                                   time_budget_minutes=0, diagnostics=False)

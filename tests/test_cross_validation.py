@@ -5,14 +5,12 @@ from __future__ import annotations
 import collections
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CV_SEGMENTER_FLAGS
+from conftest import CV_SEGMENTER_FLAGS, cli
 from tf_bus.config import SplitConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.data.split import DuplicateGroups, SplitPlan, cross_validation_plans
@@ -69,10 +67,6 @@ def test_impossible_folds_are_refused(folds, validation, message):
 # ------------------------------------------------------------------------ end to end (slow)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tf_bus.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
-
 
 @pytest.mark.slow
 def test_segmenter_folds_pool_every_case_and_resume(two_cvs, synthetic_release, tmp_path):
@@ -96,7 +90,7 @@ def test_segmenter_folds_pool_every_case_and_resume(two_cvs, synthetic_release, 
 
     best = [(cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns for k in range(2)]
     (cv / "fold_1" / "eval_test" / "metrics.json").unlink()  # killed after fold 1 trained, before it was scored
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *CV_SEGMENTER_FLAGS)
+    r = cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *CV_SEGMENTER_FLAGS)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fold 1 of 2" not in r.stdout and "fold 2 of 2" not in r.stdout, "finished folds are not trained again"
     assert [(cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns for k in range(2)] == best
@@ -108,10 +102,10 @@ def test_segmenter_folds_pool_every_case_and_resume(two_cvs, synthetic_release, 
 
     tiny = [*CV_SEGMENTER_FLAGS[:CV_SEGMENTER_FLAGS.index("--epochs") + 1], "1",
             *CV_SEGMENTER_FLAGS[CV_SEGMENTER_FLAGS.index("--epochs") + 2:]]
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5")
+    r = cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5")
     assert r.returncode == 2 and "holds a cross-validation with other settings" in r.stderr
     assert "config.epochs: 2 in it, 1 now" in r.stderr and "config.seed: 1337 in it, 5 now" in r.stderr, r.stderr
-    r = _cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5",
+    r = cli("train-segmenter", "--data", synthetic_release, "--out", cv, "--folds", "2", *tiny, "--seed", "5",
              "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
     assert all((cv / f"fold_{k}" / "best.keras").stat().st_mtime_ns != best[k] for k in range(2)), "trained again"

@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import CV_SEGMENTER_FLAGS, built_once
+from conftest import CV_SEGMENTER_FLAGS, built_once, cli
 from tf_bus.data.busi import TfBusError
 from tf_bus.descriptors import DESCRIPTOR_NAMES, lesion_descriptors
 from tf_bus.fusion import FEATURE_NAMES, BoostedTrees, fuse
@@ -224,9 +222,6 @@ def test_a_damaged_fusion_model_file_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tf_bus.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +229,7 @@ def fused(two_cvs, tmp_path_factory):
     seg, clf = two_cvs
 
     def build(root):
-        r = _cli("fuse", seg, clf, "--out", root / "fused", "--trees", "20", "--resamples", "200")
+        r = cli("fuse", seg, clf, "--out", root / "fused", "--trees", "20", "--resamples", "200")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "fused - ResNet accuracy" in r.stdout
 
@@ -286,7 +281,7 @@ def test_fuse_stacks_two_cross_validations(two_cvs, fused, synthetic_release):
     assert model.predict_proba(x).shape == (len(rows), 3)
 
     # tf-bus compare reads the fused result as a classifier cross-validation.
-    r = _cli("compare", clf, out, "--resamples", "200")
+    r = cli("compare", clf, out, "--resamples", "200")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accuracy" in r.stdout
 
@@ -335,19 +330,19 @@ def test_fuse_predict_repeats_each_folds_held_out_outputs(two_cvs, fused, synthe
     folder.mkdir()
     shutil.copy(paths[0], folder)
     shutil.copy(paths[0].with_name(f"{paths[0].stem}_mask.png"), folder)
-    r = _cli("fuse-predict", fused, folder)
+    r = cli("fuse-predict", fused, folder)
     assert r.returncode == 0, r.stderr[-3000:]
     [line] = r.stdout.splitlines()
     assert json.loads(line)["class"] in CLASS_NAMES and "folds" not in json.loads(line)
     assert json.loads(line)["image"] == str(folder / paths[0].name)
-    r = _cli("fuse-predict", fused, paths[0].with_name("nope.png"))
+    r = cli("fuse-predict", fused, paths[0].with_name("nope.png"))
     assert r.returncode == 2 and "nope.png: no such image file" in r.stderr and "Traceback" not in r.stderr
     moved = tmp_path / "moved"
     shutil.copytree(fused, moved)
     result = json.loads((moved / "cross_validation.json").read_text())
     result["settings"]["segmenter_cv"] = str(tmp_path / "gone")
     (moved / "cross_validation.json").write_text(json.dumps(result))
-    r = _cli("fuse-predict", moved, paths[0])
+    r = cli("fuse-predict", moved, paths[0])
     assert r.returncode == 2 and "gone: the cross-validation" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -367,7 +362,7 @@ def test_exported_fusion_serves_what_fuse_predict_computes(two_cvs, fused, synth
     chosen = [r for r in rows if r["fold"] == "0"][:2] + [r for r in rows if r["fold"] == "1"][:2]
     paths = [synthetic_release / r["class"] / f"{r['name']}.png" for r in chosen]
     expected = predict_fused(fused, paths)
-    r = _cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
+    r = cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
     assert info["kind"] == "fusion" and info["path"] == str(tmp_path / "models" / "busi_fused" / "1")
@@ -400,7 +395,7 @@ def test_exported_fusion_serves_what_fuse_predict_computes(two_cvs, fused, synth
     finally:
         server.stop()
 
-    r = _cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused", "--threshold", "0.5")
+    r = cli("export", fused, "--model-base-path", tmp_path / "models", "--name", "busi_fused", "--threshold", "0.5")
     assert r.returncode == 2 and "leave out --threshold" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp_path / "models" / "busi_fused").iterdir()) == ["1"]
 
@@ -411,10 +406,10 @@ def fused_presence(two_cvs, tmp_path_factory, synthetic_release):
     seg, clf = two_cvs
 
     def build(root):
-        r = _cli("train-segmenter", "--data", synthetic_release, "--out", root / "pres", "--folds", "2",
+        r = cli("train-segmenter", "--data", synthetic_release, "--out", root / "pres", "--folds", "2",
                  *CV_SEGMENTER_FLAGS, "--no-lesion-only", "--seed", "4")
         assert r.returncode == 0, r.stderr[-3000:]
-        r = _cli("fuse", seg, clf, "--presence-cv", root / "pres", "--out", root / "fused", "--trees", "20",
+        r = cli("fuse", seg, clf, "--presence-cv", root / "pres", "--out", root / "fused", "--trees", "20",
                  "--resamples", "200")
         assert r.returncode == 0, r.stderr[-3000:]
 
@@ -464,7 +459,7 @@ def test_a_presence_unet_joins_the_features_in_fuse_predict_and_export(two_cvs, 
                          [[f["presence"][n] for n in PRESENCE_NAMES]])
             np.testing.assert_allclose(f["fused"], trees.predict_proba(x)[0], atol=1e-12)
 
-    r = _cli("export", out, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
+    r = cli("export", out, "--model-base-path", tmp_path / "models", "--name", "busi_fused")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
     assert info["presence_descriptors"] == list(PRESENCE_NAMES) and "presence_threshold" in info["folds"][0]
@@ -481,7 +476,7 @@ def test_a_presence_unet_joins_the_features_in_fuse_predict_and_export(two_cvs, 
                                [[e["probabilities"][c] for c in CLASS_NAMES] for e in predicted], atol=1e-6)
 
     # A lesion-only U-Net CV is refused as the presence U-Net, before anything is measured.
-    r = _cli("fuse", seg, clf, "--presence-cv", seg, "--out", tmp_path / "refused")
+    r = cli("fuse", seg, clf, "--presence-cv", seg, "--out", tmp_path / "refused")
     assert r.returncode == 2 and "trained on lesion images only" in r.stderr and "--no-lesion-only" in r.stderr
     assert not (tmp_path / "refused").exists()
     # Trees that take presence descriptors with no presence CV named: a clear error.
@@ -517,7 +512,7 @@ def test_fuse_refuses_cross_validations_that_do_not_pair(two_cvs, tmp_path, dama
         if damage == "missing":
             file.unlink()
         args = (seg, bad)
-    r = _cli("fuse", *args, "--out", tmp_path / "out")
+    r = cli("fuse", *args, "--out", tmp_path / "out")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "nothing written for a refused fusion"
 
