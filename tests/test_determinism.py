@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from tensorflow.python.framework import config as tf_config
 
+from conftest import cli
 from tf_bus.config import ClassifierConfig, SegmenterConfig
 from tf_bus.training.callbacks import TimeBudget
 from tf_bus.training.classification import train_classifier
@@ -100,9 +98,7 @@ def test_the_flag_reaches_the_config_each_command_trains_with(command, prepared,
     flags, record, config_of = COMMANDS[command]
     flags = [f.format(weights=resnet_weights) for f in flags]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", command, "--data", str(prepared), "--out", str(out),
-                        "--deterministic", "--quiet", *flags], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    r = cli(command, "--data", prepared, "--out", out, "--deterministic", "--quiet", *flags)  # in process
     assert r.returncode == 0, r.stderr[-3000:]
     assert config_of(json.loads((out / record).read_text()))["deterministic"] is True
 

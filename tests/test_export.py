@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import cli
 from tf_bus.data.busi import TfBusError
 from tf_bus.export import export_run, read_run
 
@@ -153,9 +154,7 @@ def test_versions_names_and_saved_model_cli(tiny_runs, tmp_path):
 
 
 def test_export_cli(tiny_runs, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "export", str(tiny_runs["classifier"]),
-                        "--model-base-path", str(tmp_path), "--name", "cls"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    r = cli("export", tiny_runs["classifier"], "--model-base-path", tmp_path, "--name", "cls")  # in process
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cls" / "1" / "saved_model.pb").is_file()
     assert (tmp_path / "cls" / "1" / "assets.extra" / "tf_bus.json").is_file()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
+from conftest import cli
 from tf_bus.config import ClassifierConfig, ConfigError
 from tf_bus.data.busi import TfBusError
 from tf_bus.training.classification import train_classifier
@@ -38,8 +36,7 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
     assert json.loads((run / "config.json").read_text())["balance_used"] == "class_weights"
     model = keras.saving.load_model(run / "best.keras")
     assert model.output_shape == (None, 3)
-    r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "evaluate-classifier", str(run), "--data", str(prepared)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    r = cli("evaluate-classifier", run, "--data", prepared)  # in process
     assert r.returncode == 0, r.stderr
     result = json.loads((run / "eval_test" / "metrics.json").read_text())
     manifest = json.loads((prepared / "manifest.json").read_text())
