@@ -15,6 +15,7 @@ import keras
 import pytest
 import tensorflow as tf
 
+from conftest import cli
 from tf_bus.config import AugmentConfig, ClassifierConfig, ConfigError, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.training.precision import cpu_has_native_bf16, resolve_precision
@@ -30,7 +31,8 @@ def tiny_config(**kw) -> SegmenterConfig:
     return SegmenterConfig(**{**base, **kw})
 
 
-def _cli(*args, **popen):
+def _process(*args, **popen):
+    """A `tf-bus` process (for the tests that kill one); the others run it in process (conftest.cli)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen([sys.executable, "-m", "tf_bus.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **popen)
@@ -80,9 +82,8 @@ def test_finished_run_is_not_overwritten_silently(tiny_run, prepared):
 
 def test_evaluate_cli_schema(tiny_run, prepared):
     run, _ = tiny_run
-    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared), "--choose-threshold", "--tta")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+    r = cli("evaluate-segmenter", run, "--data", prepared, "--choose-threshold", "--tta")  # in process
+    assert r.returncode == 0, r.stderr
     result = json.loads((run / "eval_test" / "metrics.json").read_text())
     assert set(result) == {"settings", "aggregate", "per_image"}
     manifest = json.loads((prepared / "manifest.json").read_text())
@@ -116,17 +117,15 @@ def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_pat
     from tf_bus.export import export_run
 
     run = tmp_path / "run"
-    p = _cli("train-segmenter", "--data", str(prepared), "--out", str(run), *TINY, "--epochs", "1", "--no-diagnostics",
-             "--attention-gates", "--transformer-blocks", "1", "--transformer-heads", "2")
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+    r = cli("train-segmenter", "--data", prepared, "--out", run, *TINY, "--epochs", "1", "--no-diagnostics",
+            "--attention-gates", "--transformer-blocks", "1", "--transformer-heads", "2")
+    assert r.returncode == 0, r.stderr
     cfg, _ = load_run_config(run)
     assert (cfg.attention_gates, cfg.transformer_blocks, cfg.transformer_heads) == (True, 1, 2)
     model = keras.saving.load_model(run / "best.keras")
     assert model.get_layer("bottleneck_transformer0").num_heads == 2 and model.get_layer("up0_attention_gate")
-    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared), "--tta")
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+    r = cli("evaluate-segmenter", run, "--data", prepared, "--tta")
+    assert r.returncode == 0, r.stderr
     assert json.loads((run / "eval_test" / "metrics.json").read_text())["aggregate"]["lesion_images"]["n"] > 0
     info = export_run(run, tmp_path / "models", "seg")
     x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
@@ -136,10 +135,8 @@ def test_attention_flags_reach_the_model_evaluation_and_export(prepared, tmp_pat
 
 def test_deep_supervision_run_saves_plain_unets_and_its_diagnostics_see_the_unet(prepared, tmp_path):
     run = tmp_path / "run"
-    p = _cli("train-segmenter", "--data", str(prepared), "--out", str(run), *TINY, "--epochs", "2",
-             "--deep-supervision", "1")
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+    r = cli("train-segmenter", "--data", prepared, "--out", run, *TINY, "--epochs", "2", "--deep-supervision", "1")
+    assert r.returncode == 0, r.stderr
     cfg, record = load_run_config(run)
     assert cfg.deep_supervision == 1
     for name in ("best.keras", "last.keras"):
@@ -153,9 +150,8 @@ def test_deep_supervision_run_saves_plain_unets_and_its_diagnostics_see_the_unet
     assert measured["activation_variance_first"] > 0
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
-    p = _cli("evaluate-segmenter", str(run), "--data", str(prepared))
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+    r = cli("evaluate-segmenter", run, "--data", prepared)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("bad,message", [(dict(deep_supervision=5), r"within 1..depth-1 = 1..4"),
@@ -209,7 +205,7 @@ def test_killed_run_resumes_from_its_last_epoch(flags, prepared, tmp_path):
     run = tmp_path / "run"
     args = ["train-segmenter", "--data", str(prepared), "--out", str(run), "--epochs", "12", "--patience", "0",
             *TINY, *flags]
-    p = _cli(*args)
+    p = _process(*args)
     deadline = time.monotonic() + 240
     history = run / "history.csv"
     while time.monotonic() < deadline:
@@ -221,7 +217,7 @@ def test_killed_run_resumes_from_its_last_epoch(flags, prepared, tmp_path):
     done = len(history.read_text().splitlines()) - 1
     assert 2 <= done < 12, "killed mid-way"
     assert (run / "backup").exists()
-    p = _cli(*args)
+    p = _process(*args)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert '"resumed": true' in out
