@@ -50,7 +50,7 @@ def make_optimizer(learning_rate: float, schedule: str, warmup_epochs: int, epoc
     ReduceLROnPlateau callback does the rest). ``ema`` above 0 keeps an exponential
     moving average of the weights with that momentum (give ``fit`` an ``EMAWeights``).
     Keras's arithmetic, with one fused kernel per variable (``FusedAdam``: a ResNet50
-    training step traces in about two thirds of the time)."""
+    training step traces in about half the time)."""
     lr: Any = learning_rate
     if schedule == "cosine":
         lr = BudgetedCosine(learning_rate, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
