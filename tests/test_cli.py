@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli
 from tf_bus.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "synth", "check", "prepare", "eda", "train-segmenter", "evaluate-segmenter", "train-classifier",
@@ -69,16 +70,13 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("argv,message", ERRORS)
-def test_errors_are_one_line_messages(argv, message, synthetic_release, tmp_path, capsys):
+def test_errors_are_one_line_messages(argv, message, synthetic_release, tmp_path):
     """In process (a `tf-bus` process would spend 5 s importing TensorFlow for each): an
     exception that escaped `main` would fail the test with its traceback; as processes, see
     test_check_and_prepare_with_skip_bad and test_a_refused_run_exits_2_as_a_process."""
     argv = [a.format(missing=tmp_path / "nope", tmp=tmp_path, release=synthetic_release) for a in argv]
-    try:
-        code = main(argv)
-    except SystemExit as e:  # refused by argparse itself
-        code = e.code
-    err = capsys.readouterr().err
+    r = cli(*argv)  # conftest.cli: main() in process, SystemExit (argparse's refusals) as the exit code
+    code, err = r.returncode, r.stderr
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) <= 2, err  # argparse adds its usage line
     assert not (tmp_path / "r").exists(), "a refused run leaves no run folder behind"

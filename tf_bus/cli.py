@@ -1174,7 +1174,7 @@ def _version() -> str:
 
 
 # Commands that never import TensorFlow (tested): the others import it first, quietly.
-WITHOUT_TENSORFLOW = frozenset({"synth", "check", "prepare", "stage", "compare"})
+WITHOUT_TENSORFLOW = ("synth", "check", "prepare", "stage", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1190,10 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as e:
             if e.name != "tensorflow":
                 raise
+            free = [f"`{c}`" for c in WITHOUT_TENSORFLOW]
             print(f"tf-bus {args.command}: error: TensorFlow is not installed for {sys.executable}. It is an extra: "
                   "pip install -e '.[cpu]' (tensorflow-cpu) or -e '.[gpu]' (NVIDIA GPUs); see the README, "
-                  "\"Installing\". `synth`, `check`, `prepare`, `stage` and `compare` run without it.",
-                  file=sys.stderr)
+                  f"\"Installing\". {', '.join(free[:-1])} and {free[-1]} run without it.", file=sys.stderr)
             return 2
     try:
         if getattr(args, "cache_dir", "absent") != "absent":
