@@ -66,7 +66,8 @@ def train_rate(backbone: str, size: int, batch: int, steps: int, precision: str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=224, help="square input side in pixels (default: 224)")
-    ap.add_argument("--backbones", default="resnet50,resnet101", help="comma list of resnet50,resnet101 (default: both)")
+    ap.add_argument("--backbones", default="resnet50,resnet101",
+                    help="comma list of resnet50, resnet101, resnet14 and resnet26 (default: resnet50,resnet101)")
     ap.add_argument("--precisions", default="float32,mixed_bfloat16",
                     help="comma list of float32, mixed_bfloat16 and mixed_float16 (default: float32,mixed_bfloat16)")
     ap.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")

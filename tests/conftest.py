@@ -114,15 +114,29 @@ def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+#: The classifier backbone of the tests that train one where the backbone is not the point: a
+#: resnet14 traces and first runs in under half a ResNet50's time (ResNet50 and ResNet101
+#: themselves: test_classifier_model, test_train_classifier, the demo and the notebook).
+TEST_BACKBONE = "resnet14"
+
+
+def backbone_weights(path: Path, backbone: str = TEST_BACKBONE, size: int = 32) -> Path:
+    """A local backbone weights file (``--weights PATH``) of freshly initialised ``backbone``."""
+    from tf_bus.config import BACKBONE_BLOCKS
+    from tf_bus.models.classifier import bottleneck_resnet
+
+    bottleneck_resnet(BACKBONE_BLOCKS[backbone], (size, size, 3)).save_weights(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, prepared) -> dict[str, Path]:
     """A tiny trained segmenter and classifier run (32 px, one epoch), for export and serving.
-    The classifier fine-tunes the head over a local backbone weights file (quick to trace).
-    Built once for every xdist worker; read-only by convention."""
+    The classifier is a resnet14 (``TEST_BACKBONE``) fine-tuning its head over a local backbone
+    weights file, ``backbone.weights.h5`` beside the runs (quick to trace). Built once for every
+    xdist worker; read-only by convention."""
 
     def build(root):
-        import keras
-
         from tf_bus.config import ClassifierConfig, SegmenterConfig
         from tf_bus.training.classification import train_classifier
         from tf_bus.training.segmentation import train_segmenter
@@ -130,10 +144,9 @@ def tiny_runs(tmp_path_factory, prepared) -> dict[str, Path]:
         seg = SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1, batch_size=8, warmup_epochs=0,
                               time_budget_minutes=0)
         train_segmenter(prepared, root / "seg", seg, verbose=0)
-        weights = root / "resnet50_notop.weights.h5"
-        keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-        cls = ClassifierConfig(image_size=(32, 32), weights=str(weights), head_epochs=1, epochs=1, batch_size=8,
-                               warmup_epochs=0, time_budget_minutes=0)
+        weights = backbone_weights(root / "backbone.weights.h5")
+        cls = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), weights=str(weights), head_epochs=1,
+                               epochs=1, batch_size=8, warmup_epochs=0, time_budget_minutes=0)
         train_classifier(prepared, root / "cls", cls, verbose=0)
 
     root = built_once(tmp_path_factory, "runs", build)
@@ -158,8 +171,8 @@ def two_cvs(synthetic_release, tmp_path_factory) -> tuple[Path, Path]:
         r = cli("train-segmenter", "--data", synthetic_release, "--out", root / "seg", "--folds", "2",
                 *CV_SEGMENTER_FLAGS)
         assert r.returncode == 0, r.stderr[-3000:]
-        config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
-                                  time_budget_minutes=0, diagnostics=False)
+        config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=1,
+                                  warmup_epochs=0, time_budget_minutes=0, diagnostics=False)
         cross_validate("classifier", synthetic_release, root / "clf", config, folds=2, tta=False, verbose=0)
 
     root = built_once(tmp_path_factory, "cvs", build)

@@ -1,4 +1,4 @@
-"""The ResNet classifier: both backbones, each weights option, freezing, the offline error."""
+"""The ResNet classifier: every backbone, each weights option, freezing, the offline error."""
 
 from __future__ import annotations
 
@@ -6,19 +6,70 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import TEST_BACKBONE
+from tf_bus.config import BACKBONE_BLOCKS
 from tf_bus.data.busi import TfBusError
 from tf_bus.models import classifier as clf
 from tf_bus.models.classifier import ResNetPreprocess, build_classifier, resolve_weights, set_trainable_stages
 
 
-@pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "resnet14", "resnet26"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_builds_and_outputs_probabilities(backbone, channels):
     model = build_classifier(backbone, None, image_size=(64, 64), channels=channels)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, channels)).astype("float32")
     p = model.predict(x, verbose=0)
     assert p.shape == (2, 3) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
-    assert model.get_layer("backbone").name == "backbone"
+    base = model.get_layer("backbone")
+    blocks = BACKBONE_BLOCKS[backbone]
+    for stage, n in zip(clf.STAGES, blocks):  # the stages hold the backbone's bottleneck blocks
+        assert {l.name.split("_")[1] for l in base.layers if l.name.startswith(stage + "_")} == {
+            f"block{b}" for b in range(1, n + 1)}
+    assert base.output.shape[1:] == (2, 2, 2048)
+
+
+def test_bottleneck_resnet_is_keras_resnet50_layer_for_layer(tmp_path):
+    """(3, 4, 6, 3) blocks rebuild keras.applications.ResNet50: the same layers, names and
+    configs, its weights file loads, and the features are equal; so resnet14/26 are the same
+    family with fewer blocks, and everything keyed on ResNet50's layer names holds for them."""
+    keras_resnet = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    ours = clf.bottleneck_resnet((3, 4, 6, 3), (64, 64, 3))
+    pairs = list(zip(keras_resnet.layers[1:], ours.layers[1:]))  # [0]: an auto-named input
+    assert len(keras_resnet.layers) == len(ours.layers) == 175
+    assert all(a.name == b.name and type(a) is type(b) and a.get_config() == b.get_config() for a, b in pairs)
+    path = tmp_path / "resnet50_notop.weights.h5"
+    keras_resnet.save_weights(path)
+    ours.load_weights(path)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(ours(x, training=False), keras_resnet(x, training=False))
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")  # Keras, on the mismatched file
+@pytest.mark.parametrize("backbone,blocks,params", [("resnet14", 4, 8_044_928), ("resnet26", 8, 13_992_448)])
+def test_small_backbones_save_load_and_take_their_own_weights(tmp_path, backbone, blocks, params):
+    """A resnet14/26 backbone's weights, saved from a trained model, are a --weights file for
+    the next run (there are no ImageNet weights for them: a clear error says so)."""
+    model = build_classifier(backbone, None, image_size=(64, 64))
+    base = model.get_layer("backbone")
+    assert base.count_params() == params
+    assert len([l for l in base.layers if l.name.endswith("_add")]) == blocks
+    rng = np.random.default_rng(3)
+    base.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in base.get_weights()])
+    path = tmp_path / f"{backbone}_backbone.weights.h5"
+    base.save_weights(path)
+    again = build_classifier(backbone, str(path), image_size=(64, 64))
+    for a, b in zip(again.get_layer("backbone").get_weights(), base.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    saved = tmp_path / "model.keras"
+    model.save(saved)
+    reloaded = keras.saving.load_model(saved)
+    x = rng.uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    other = "resnet26" if backbone == "resnet14" else "resnet14"
+    with pytest.raises(TfBusError, match=f"cannot load it as {other} backbone weights.*save_weights"):
+        build_classifier(other, str(path), image_size=(64, 64))
+    with pytest.raises(TfBusError, match=f"no ImageNet weights for {backbone}.*resnet50 and resnet101 only"):
+        build_classifier(backbone, "imagenet", image_size=(64, 64))
 
 
 def test_local_weights_file_is_loaded(tmp_path):
@@ -172,7 +223,7 @@ def test_lesion_attention_pool_by_hand():
 def test_lesion_pooling_classifier_keeps_the_lesion_head_when_served(tmp_path):
     from tf_bus.models.classifier import inference_model
 
-    model = build_classifier("resnet50", None, image_size=(64, 64), channels=1, mask_loss_weight=1.0,
+    model = build_classifier(TEST_BACKBONE, None, image_size=(64, 64), channels=1, mask_loss_weight=1.0,
                              lesion_pooling=True)
     assert model.get_layer("pool_concat").output.shape == (None, 2048 + 1024 + 1)
     clf = inference_model(model)

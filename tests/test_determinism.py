@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorflow.python.framework import config as tf_config
 
-from conftest import cli
+from conftest import TEST_BACKBONE, backbone_weights, cli
 from tf_bus.config import ClassifierConfig, SegmenterConfig
 from tf_bus.training.callbacks import TimeBudget
 from tf_bus.training.classification import train_classifier
@@ -26,18 +26,15 @@ def _segmenter(data, run, weights_file):
 
 def _classifier(data, run, weights_file):
     # Head-only over a local weights file (quick to trace), with mixup and the lesion head's masks.
-    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, head_epochs=1, warmup_epochs=0,
-                              time_budget_minutes=0, weights=str(weights_file), mixup=0.2, deterministic=True)
+    config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=1, head_epochs=1,
+                              warmup_epochs=0, time_budget_minutes=0, weights=str(weights_file), mixup=0.2,
+                              deterministic=True)
     return train_classifier(data, run, config, verbose=0)
 
 
 @pytest.fixture(scope="module")
 def resnet_weights(tmp_path_factory):
-    import keras
-
-    path = tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    return path
+    return backbone_weights(tmp_path_factory.mktemp("weights") / "backbone.weights.h5")
 
 
 @pytest.mark.parametrize("train", [_segmenter, _classifier], ids=["segmenter", "classifier"])
@@ -85,9 +82,9 @@ def test_the_time_budget_feeds_the_schedule_only_where_it_may(strategy, determin
 COMMANDS = {  # each command's smallest real run, and the file that records the config it trained with
     "train-segmenter": (["--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8",
                          "--epochs", "1", "--warmup-epochs", "0"], "config.json", lambda d: d["config"]),
-    "train-classifier": (["--image-size", "32", "--batch-size", "8", "--epochs", "1", "--head-epochs", "1",
-                          "--warmup-epochs", "0", "--weights", "{weights}"], "config.json", lambda d: d["config"]),
-    "tune": (["--image-size", "32", "--max-trials", "1", "--backbones", "resnet50", "--batch-sizes", "8",
+    "train-classifier": (["--backbone", TEST_BACKBONE, "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+                          "--head-epochs", "1", "--warmup-epochs", "0", "--weights", "{weights}"], "config.json", lambda d: d["config"]),
+    "tune": (["--image-size", "32", "--max-trials", "1", "--backbones", TEST_BACKBONE, "--batch-sizes", "8",
               "--epochs-range", "1,1", "--fine-tune-stages-range", "1,1", "--weights", "{weights}"],
              "best_hyperparameters.json", lambda d: d["config"]),
 }

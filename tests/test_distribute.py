@@ -25,10 +25,10 @@ SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
     from tf_bus.config import ClassifierConfig, SegmenterConfig
     from tf_bus.training.segmentation import train_segmenter
     from tf_bus.training.classification import train_classifier
+    from tf_bus.models.classifier import bottleneck_resnet
     data, out = sys.argv[1], sys.argv[2]
     seg = train_segmenter(data, out + "/seg", SegmenterConfig(image_size=(32, 32), depth=2, base_filters=4, epochs=1,
                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
@@ -37,9 +37,10 @@ SCRIPT = textwrap.dedent("""
                          batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored",
                          deep_supervision=1, diagnostics=False), verbose=0)
     w = out + "/w.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(w)
-    cls = train_classifier(data, out + "/cls", ClassifierConfig(image_size=(32, 32), weights=w, head_epochs=1, epochs=1,
-                           batch_size=8, warmup_epochs=0, time_budget_minutes=0, strategy="mirrored"), verbose=0)
+    bottleneck_resnet((1, 1, 1, 1), (32, 32, 3)).save_weights(w)  # resnet14 (conftest.TEST_BACKBONE)
+    cls = train_classifier(data, out + "/cls", ClassifierConfig(backbone="resnet14", image_size=(32, 32), weights=w,
+                           head_epochs=1, epochs=1, batch_size=8, warmup_epochs=0, time_budget_minutes=0,
+                           strategy="mirrored"), verbose=0)
     print(json.dumps({"seg": seg, "cls": cls, "seg_ds": ds}))
 """)
 

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import TEST_BACKBONE
 from tf_bus.config import ClassifierConfig, ConfigError, SegmenterConfig
 from tf_bus.training.callbacks import EMAWeights
 from tf_bus.training.common import make_optimizer
@@ -111,8 +112,8 @@ def test_classifier_run_stopped_by_its_budget_ends_on_the_averages(prepared, tmp
     from tf_bus.training.classification import train_classifier
 
     run = tmp_path / "run"
-    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=2, warmup_epochs=0, ema=0.9,
-                              time_budget_minutes=1e-4, diagnostics=False)
+    config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=2, warmup_epochs=0,
+                              ema=0.9, time_budget_minutes=1e-4, diagnostics=False)
     summary = train_classifier(prepared, run, config, verbose=0)
     assert summary["stopped_by_time_budget"] and summary["epochs_run_in_this_fit"] == 1
     best = keras.saving.load_model(run / "best.keras").get_weights()

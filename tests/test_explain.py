@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TEST_BACKBONE, backbone_weights
 from tf_bus.data.busi import TfBusError
 from tf_bus.explain import _lesion_mask, explain_images, grad_cam
 from tf_bus.models.classifier import build_classifier, inference_model
@@ -36,7 +37,7 @@ PLANTED = [(0, 0), (1, 2), (2, 1)]
 @pytest.mark.parametrize("target", [None, 0, 1, 2])
 def test_grad_cam_equals_cam_and_finds_the_planted_evidence(target):
     # GAP + dense: d y_c / d A_k(i, j) = w_kc / (h w), so Grad-CAM = ReLU(sum_k w_kc A_k) / max.
-    model = build_classifier("resnet50", None, image_size=(96, 96), channels=1)
+    model = build_classifier(TEST_BACKBONE, None, image_size=(96, 96), channels=1)
     x = _images(3, 96)
     features = np.asarray(keras.Model(model.input, model.get_layer("pool").input)(x, training=False), np.float64)
     assert features.shape[1:3] == (3, 3)  # 96 px / stride 32
@@ -63,7 +64,7 @@ def test_grad_cam_equals_cam_and_finds_the_planted_evidence(target):
 
 
 def test_grad_cam_runs_through_the_lesion_head():
-    trained = build_classifier("resnet50", None, image_size=(64, 64), channels=1, mask_loss_weight=1.0,
+    trained = build_classifier(TEST_BACKBONE, None, image_size=(64, 64), channels=1, mask_loss_weight=1.0,
                                lesion_pooling=True)
     model = _randomised_head(inference_model(trained), seed=2)
     x = _images(2, 64, seed=4)
@@ -77,7 +78,7 @@ def test_grad_cam_refuses_other_models_and_classes():
     plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
     with pytest.raises(TfBusError, match="no layers named `pool` and `probabilities`"):
         grad_cam(plain, np.zeros((1, 8, 8, 1)))
-    model = build_classifier("resnet50", None, image_size=(64, 64), channels=1)
+    model = build_classifier(TEST_BACKBONE, None, image_size=(64, 64), channels=1)
     with pytest.raises(TfBusError, match="target class 3 is not one of the model's classes 0..2"):
         grad_cam(model, _images(1, 64), 3)
 
@@ -89,10 +90,9 @@ def run_64(tmp_path_factory, prepared):
     from tf_bus.training.classification import train_classifier
 
     root = tmp_path_factory.mktemp("explain")
-    weights = root / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3)).save_weights(weights)
-    cfg = ClassifierConfig(image_size=(64, 64), weights=str(weights), head_epochs=1, epochs=1, batch_size=8,
-                           warmup_epochs=0, time_budget_minutes=0)
+    weights = backbone_weights(root / "backbone.weights.h5", size=64)
+    cfg = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(64, 64), weights=str(weights), head_epochs=1, epochs=1,
+                           batch_size=8, warmup_epochs=0, time_budget_minutes=0)
     train_classifier(prepared, root / "run", cfg, verbose=0)
     return root / "run"
 

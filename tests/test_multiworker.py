@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TEST_BACKBONE
 from tf_bus.config import ConfigError
 from tf_bus.training.distribute import parse_tf_config, task_info
 
@@ -172,10 +173,10 @@ def test_tuner_trials_and_the_two_phase_classifier_train_across_two_workers(prep
     """`tf-bus tune --strategy multiworker --retrain`: both workers' seeded tuners run the same
     trial across the 2 processes, then the best configuration retrains through the head
     and fine-tuning phases; every worker ends with the chief's weights."""
-    weights = tiny_runs["classifier"].parent / "resnet50_notop.weights.h5"
+    weights = tiny_runs["classifier"].parent / "backbone.weights.h5"  # a TEST_BACKBONE's
     tune, run = tmp_path / "tune", tmp_path / "run"
     command = ["tune", "--data", str(prepared), "--out", str(tune), "--retrain", str(run), "--weights", str(weights),
-               "--image-size", "32,32", "--max-trials", "1", "--backbones", "resnet50", "--batch-sizes", "8",
+               "--image-size", "32,32", "--max-trials", "1", "--backbones", TEST_BACKBONE, "--batch-sizes", "8",
                "--epochs-range", "2,2", "--fine-tune-stages-range", "1,1", "--head-epochs", "1", "--strategy", "multiworker",
                "--quiet"]
     procs = _start_workers(prepared, run, 0, tmp_path, "tune", command=command)

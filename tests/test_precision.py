@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import TEST_BACKBONE, backbone_weights
 from tf_bus.config import PRECISIONS, ConfigError, SegmenterConfig
 from tf_bus.training.precision import (POLICIES, auto_precision, cpu_has_native_bf16, emulated_precision_warning,
                                        gpu_compute_capabilities, precision_policy, resolve_precision)
@@ -116,9 +117,8 @@ def test_train_classifier_runs_in_mixed_float16(prepared, tmp_path):
     from tf_bus.config import ClassifierConfig
     from tf_bus.training.classification import train_classifier
 
-    weights = tmp_path / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-    config = ClassifierConfig(image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
+    weights = backbone_weights(tmp_path / "backbone.weights.h5")
+    config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
                               weights=str(weights), head_epochs=1, precision="mixed_float16")
     summary = train_classifier(prepared, tmp_path / "run", config, verbose=0)
     record = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import TEST_BACKBONE, backbone_weights, cli
 from tf_bus.config import ClassifierConfig, ConfigError
 from tf_bus.data.busi import TfBusError
 from tf_bus.training.classification import train_classifier
@@ -23,12 +23,13 @@ def tiny(**kw) -> ClassifierConfig:
 
 
 def test_class_weights_then_evaluate(prepared, tmp_path):
-    # Head-only over a local weights file: quick to trace. From-scratch training (every layer,
-    # BatchNorm included) runs in the demo test and test_classifier_model.py.
-    weights = tmp_path / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    # Head-only over a local weights file of a resnet14: quick to trace (ResNet50 fine-tunes in
+    # two phases below). From-scratch training (every layer, BatchNorm included) runs in the
+    # demo test and test_classifier_model.py.
+    weights = backbone_weights(tmp_path / "backbone.weights.h5")
     run = tmp_path / "run"
-    summary = train_classifier(prepared, run, tiny(balance="class_weights", weights=str(weights), head_epochs=1), verbose=0)
+    summary = train_classifier(prepared, run, tiny(backbone=TEST_BACKBONE, balance="class_weights", weights=str(weights),
+                                                   head_epochs=1), verbose=0)
     assert summary["epochs_run_in_this_fit"] == 1 and summary["head_epochs"] == 1
     assert 0.0 <= summary["best_val_f1"] <= 1.0
     for name in ("config.json", "best.keras", "last.keras", "history.csv", "history.json"):
@@ -77,7 +78,8 @@ def test_class_weights_then_evaluate(prepared, tmp_path):
 
 
 def test_two_phase_fine_tuning_with_the_lesion_head(prepared, tmp_path):
-    # Two phases over a local weights file, with the multi-task lesion head and balanced sampling.
+    # Two phases over a local ResNet50 weights file (the path of users with ImageNet weights),
+    # with the multi-task lesion head and balanced sampling.
     source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
     weights = tmp_path / "resnet50_notop.weights.h5"
     source.save_weights(weights)
@@ -151,7 +153,8 @@ def test_bad_weights_fail_before_any_training(prepared, tmp_path):
 @pytest.mark.parametrize("kwargs,field", [(dict(backbone="vgg16"), "backbone"), (dict(image_size=(16, 16)), "image_size"),
                                           (dict(fine_tune_stages=7), "fine_tune_stages"), (dict(balance="x"), "balance"),
                                           (dict(monitor="val_accuracy"), "monitor"), (dict(mixup=-0.2), "mixup"),
-                                          (dict(mask_loss_weight=0.0, lesion_pooling=True), "lesion_pooling")])
+                                          (dict(mask_loss_weight=0.0, lesion_pooling=True), "lesion_pooling"),
+                                          (dict(backbone="resnet14", weights="imagenet"), "resnet50 and resnet101 only")])
 def test_bad_classifier_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         ClassifierConfig(**kwargs)

@@ -14,6 +14,7 @@ import time
 import keras
 import pytest
 
+from conftest import TEST_BACKBONE, backbone_weights
 from tf_bus.config import ClassifierConfig, ConfigError, TuneConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.training.tuning import PROJECT, tune_classifier, unreadable_search_files
@@ -23,18 +24,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    """A local ResNet50 backbone weights file. Trials fine-tune its top stage: the path
-    users with ImageNet weights take, and 5x quicker to trace than a whole-ResNet backward
-    pass (from-scratch training is tested in test_train_classifier.py)."""
-    path = tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    return str(path)
+    """A local backbone weights file (resnet14, ``TEST_BACKBONE``). Trials fine-tune its top
+    stage: the path users with ImageNet weights take, and 5x quicker to trace than a
+    whole-ResNet backward pass (from-scratch training is tested in test_train_classifier.py)."""
+    return str(backbone_weights(tmp_path_factory.mktemp("weights") / "backbone.weights.h5"))
 
 
 def tiny(weights=None, **kw) -> TuneConfig:
-    base = ClassifierConfig(image_size=(32, 32), epochs=1, warmup_epochs=0, time_budget_minutes=0,
-                            early_stopping_patience=0, weights=weights)
-    cfg = dict(base=base, max_trials=2, backbones=("resnet50",), batch_sizes=(8, 16), epochs_range=(1, 1),
+    base = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), epochs=1, warmup_epochs=0,
+                            time_budget_minutes=0, early_stopping_patience=0, weights=weights)
+    cfg = dict(base=base, max_trials=2, backbones=(TEST_BACKBONE,), batch_sizes=(8, 16), epochs_range=(1, 1),
                learning_rate_range=(1e-4, 1e-2), fine_tune_stages_range=(1, 1))
     return TuneConfig(**{**cfg, **kw})
 
@@ -153,7 +152,7 @@ def test_a_search_whose_trials_all_fail_is_an_error_not_a_best_result(prepared, 
     (blocker / "__init__.py").write_text('raise ImportError("No module named tensorboard (blocked by the test)")\n')
     out = tmp_path / "tune"
     r = subprocess.run([sys.executable, "-m", "tf_bus.cli", "tune", "--data", str(prepared), "--out", str(out),
-                        "--max-trials", "2", "--image-size", "32", "--backbones", "resnet50", "--epochs-range", "1",
+                        "--max-trials", "2", "--image-size", "32", "--backbones", TEST_BACKBONE, "--epochs-range", "1",
                         "--quiet"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(blocker.parent), "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
@@ -167,7 +166,7 @@ def test_a_search_whose_trials_all_fail_is_an_error_not_a_best_result(prepared, 
 def test_corrupt_weights_fail_before_the_first_trial(prepared, tmp_path):
     bad = tmp_path / "corrupt.weights.h5"
     bad.write_bytes(b"not an HDF5 file" * 64)
-    with pytest.raises(TfBusError, match="corrupt.weights.h5: cannot load it as resnet50 backbone weights"):
+    with pytest.raises(TfBusError, match=f"corrupt.weights.h5: cannot load it as {TEST_BACKBONE} backbone weights"):
         tune_classifier(prepared, tmp_path / "tune", tiny(base=ClassifierConfig(image_size=(32, 32), weights=str(bad))),
                         verbose=0)
 
@@ -176,6 +175,7 @@ def test_corrupt_weights_fail_before_the_first_trial(prepared, tmp_path):
     (dict(tuner="grid"), "tuner"), (dict(learning_rate_range=(0.0, 1e-2)), "learning_rate_range"),
     (dict(epochs_range=(3, 2)), "epochs_range"), (dict(backbones=("vgg",)), "backbones"),
     (dict(dropout_range=(0.1, 1.0)), "dropout_range"), (dict(batch_sizes=()), "batch_sizes"),
+    (dict(base=ClassifierConfig(weights="imagenet"), backbones=("resnet50", "resnet26")), "imagenet.*resnet26"),
 ])
 def test_bad_tune_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -192,7 +192,7 @@ def test_distributed_tuning_chief_and_two_workers(prepared, tmp_path, weights):
     out = tmp_path / "tune"
     port = _free_port()
     cmd = [sys.executable, "-m", "tf_bus.cli", "tune", "--data", str(prepared), "--out", str(out),
-           "--max-trials", "2", "--image-size", "32", "--backbones", "resnet50", "--batch-sizes", "8",
+           "--max-trials", "2", "--image-size", "32", "--backbones", TEST_BACKBONE, "--batch-sizes", "8",
            "--epochs-range", "1", "--weights", weights, "--fine-tune-stages-range", "1", "--quiet"]
     base_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERASTUNER_ORACLE_IP": "127.0.0.1",
                 "KERASTUNER_ORACLE_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}

@@ -542,6 +542,17 @@ class SegmenterConfig(_TrainingConfig):
 CLASSIFIER_MONITORS: dict[str, str] = {"val_ce": "min", "val_f1": "max"}
 
 
+#: The classifier's backbones: bottleneck blocks in each residual stage (conv2..conv5).
+#: resnet50/101 are keras.applications' (ImageNet weights exist for them); resnet14/26 are
+#: the same bottleneck ResNet (He et al. 2016) with fewer blocks, as in timm, for small data
+#: and quick runs: a ResNet50 graph takes seconds to trace, a resnet14's under half that.
+BACKBONE_BLOCKS: dict[str, tuple[int, int, int, int]] = {
+    "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet14": (1, 1, 1, 1), "resnet26": (2, 2, 2, 2)}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_BLOCKS)
+#: The backbones that keras.applications ships ImageNet weights for.
+IMAGENET_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101")
+
+
 #: The classifier's default augmentation: wider geometry than the segmenter's.
 CLASSIFIER_AUGMENTATION = AugmentConfig(rotation_deg=15.0, zoom=0.2, translate=0.1)
 
@@ -551,8 +562,11 @@ class ClassifierConfig(_TrainingConfig):
     """`tf-bus train-classifier`: backbone, weights, fine-tuning, data. Saved as RUN_DIR/config.json.
 
     Args:
-        backbone: ``resnet50`` or ``resnet101``.
-        weights: ``imagenet``, a path to a local backbone weights file, or None (from scratch).
+        backbone: one of ``BACKBONES``: ``resnet50`` (the default) or ``resnet101``
+            (keras.applications), or the smaller ``resnet14`` / ``resnet26`` (same blocks,
+            fewer of them; no ImageNet weights).
+        weights: ``imagenet`` (resnet50/101), a path to a local backbone weights file, or
+            None (from scratch).
         image_size: (height, width) of the input.
         channels: 1 (grey, replicated inside the model) or 3.
         dropout: dropout before the softmax.
@@ -632,8 +646,11 @@ class ClassifierConfig(_TrainingConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.backbone not in ("resnet50", "resnet101"):
-            raise ConfigError(f"`backbone` must be resnet50 or resnet101. Received: backbone={self.backbone!r}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"`backbone` must be one of {', '.join(BACKBONES)}. Received: backbone={self.backbone!r}")
+        if self.weights == "imagenet" and self.backbone not in IMAGENET_BACKBONES:
+            raise ConfigError(f"`weights=imagenet` exists for {' and '.join(IMAGENET_BACKBONES)} only. Received: "
+                              f"backbone={self.backbone!r}; pass weights=None or a local weights file of a {self.backbone}")
         if min(self.image_size) < 32:
             raise ConfigError(f"`image_size` must be at least 32x32 for a ResNet. Received: image_size={self.image_size}")
         if not 0 <= self.fine_tune_stages <= 5:
@@ -674,7 +691,7 @@ class TuneConfig:
         learning_rate_range, weight_decay_range, dropout_range: continuous ranges.
         batch_sizes: the batch sizes to choose from.
         fine_tune_stages_range: residual stages unfrozen (pre-trained weights only).
-        backbones: the backbones to choose from.
+        backbones: the backbones to choose from (any of ``BACKBONES``).
         epochs_range: the epochs budget per trial (step ``epochs_step``); Hyperband's
             ``max_epochs`` is its upper end.
     """
@@ -718,9 +735,13 @@ class TuneConfig:
             raise ConfigError(f"`epochs_range` must be LOW,HIGH with 1 <= LOW <= HIGH. Received: epochs_range={(lo, hi)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"`batch_sizes` must be positive whole numbers. Received: batch_sizes={self.batch_sizes}")
-        bad = set(self.backbones) - {"resnet50", "resnet101"}
+        bad = set(self.backbones) - set(BACKBONES)
         if not self.backbones or bad:
-            raise ConfigError(f"`backbones` must be resnet50 and/or resnet101. Received: backbones={self.backbones}")
+            raise ConfigError(f"`backbones` must be one or more of {', '.join(BACKBONES)}. "
+                              f"Received: backbones={self.backbones}")
+        if self.base.weights == "imagenet" and set(self.backbones) - set(IMAGENET_BACKBONES):
+            raise ConfigError(f"`weights=imagenet` exists for {' and '.join(IMAGENET_BACKBONES)} only. Received: "
+                              f"backbones={tuple(self.backbones)}")
         for name in ("learning_rate_range", "weight_decay_range", "dropout_range", "fine_tune_stages_range",
                      "epochs_range", "batch_sizes", "backbones"):
             setattr(self, name, tuple(getattr(self, name)))

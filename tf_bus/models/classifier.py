@@ -1,8 +1,10 @@
-"""ResNet50/101 lesion classifier (benign / malignant / normal) for fine-tuning.
+"""The ResNet lesion classifier (benign / malignant / normal): ResNet50/101, or resnet14/26.
 
 ``build_classifier`` wraps ``keras.applications`` ResNet50 or ResNet101 (He et al.,
-"Deep Residual Learning for Image Recognition", CVPR 2016, arXiv:1512.03385) with the
-preprocessing inside the model, so the exported model takes raw pixels:
+"Deep Residual Learning for Image Recognition", CVPR 2016, arXiv:1512.03385), or the
+smaller resnet14 / resnet26 built here from the same bottleneck blocks with the same layer
+names (``bottleneck_resnet``), with the preprocessing inside the model, so the exported
+model takes raw pixels:
 
     image (B, H, W, 1 or 3) float32 in [0, 255]
       -> grey replicated to 3 channels -> ResNet "caffe" preprocessing (RGB->BGR, ImageNet
@@ -25,11 +27,10 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
-from tf_bus.config import CLASS_NAMES
+from tf_bus.config import BACKBONE_BLOCKS, BACKBONES, CLASS_NAMES, IMAGENET_BACKBONES
 from tf_bus.data.busi import TfBusError
 from tf_bus.models import normalization
 
-BACKBONES = ("resnet50", "resnet101")
 #: Residual stages of keras.applications ResNets, bottom to top (layer name prefixes).
 STAGES = ("conv2", "conv3", "conv4", "conv5")
 _WEIGHT_FILES = {
@@ -58,6 +59,13 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> str | N
         raise TfBusError(f"Unknown backbone. Use one of {', '.join(BACKBONES)}. Received: backbone={backbone!r}")
     if weights is None or str(weights).lower() in ("none", ""):
         return None
+    if str(weights) == "imagenet" and backbone not in IMAGENET_BACKBONES:
+        raise TfBusError(
+            f"There are no ImageNet weights for {backbone}: keras.applications ships them for "
+            f"{' and '.join(IMAGENET_BACKBONES)} only. Pass --weights none (from scratch), a weights file of a "
+            f"{backbone} backbone (e.g. saved by `model.get_layer('backbone').save_weights(...)` from a run's "
+            f"best.keras), or choose --backbone resnet50."
+        )
     if str(weights) == "imagenet":
         cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / _WEIGHT_FILES[backbone]
         if cached.exists() or _imagenet_reachable():
@@ -151,6 +159,57 @@ class LesionAttentionPool(layers.Layer):
         return {**super().get_config(), "smooth": self.smooth}
 
 
+def _bottleneck_block(x, filters: int, stride: int, shortcut: bool, name: str):
+    """keras.applications' ``residual_block_v1`` (same layers, names and configs)."""
+    if shortcut:
+        skip = layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
+        skip = layers.BatchNormalization(axis=3, epsilon=1.001e-5, name=f"{name}_0_bn")(skip)
+    else:
+        skip = x
+    x = layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
+    x = layers.BatchNormalization(axis=3, epsilon=1.001e-5, name=f"{name}_1_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = layers.Conv2D(filters, 3, padding="SAME", name=f"{name}_2_conv")(x)
+    x = layers.BatchNormalization(axis=3, epsilon=1.001e-5, name=f"{name}_2_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
+    x = layers.BatchNormalization(axis=3, epsilon=1.001e-5, name=f"{name}_3_bn")(x)
+    x = layers.Add(name=f"{name}_add")([skip, x])
+    return layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def bottleneck_resnet(blocks: tuple[int, int, int, int], input_shape: tuple[int, int, int],
+                      name: str = "backbone") -> keras.Model:
+    """A ResNet v1 with ``blocks`` bottleneck blocks in its stages conv2..conv5, built as
+    ``keras.applications.ResNet50(include_top=False)`` builds its (7x7 stem, max pool,
+    stages of 64/128/256/512 bottleneck filters, stride 2 from conv3 on), with the same
+    layer names: ``blocks=(3, 4, 6, 3)`` is ResNet50 layer for layer (tested), and
+    ``(1, 1, 1, 1)`` / ``(2, 2, 2, 2)`` are resnet14 / resnet26. Channels-last."""
+    inputs = keras.Input(input_shape)
+    x = layers.ZeroPadding2D(((3, 3), (3, 3)), name="conv1_pad")(inputs)
+    x = layers.Conv2D(64, 7, strides=2, name="conv1_conv")(x)
+    x = layers.BatchNormalization(axis=3, epsilon=1.001e-5, name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(((1, 1), (1, 1)), name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, (prefix, filters, n) in enumerate(zip(STAGES, (64, 128, 256, 512), blocks)):
+        for b in range(1, n + 1):
+            x = _bottleneck_block(x, filters, stride=2 if b == 1 and stage > 0 else 1, shortcut=b == 1,
+                                  name=f"{prefix}_block{b}")
+    return keras.Model(inputs, x, name=name)
+
+
+def _backbone(backbone: str, weights: str | None, input_shape: tuple[int, int, int]) -> keras.Model:
+    """The backbone model named ``backbone``, with ``weights`` (resolved) loaded."""
+    if backbone in IMAGENET_BACKBONES:
+        app = keras.applications.ResNet50 if backbone == "resnet50" else keras.applications.ResNet101
+        return app(include_top=False, weights=weights, input_shape=input_shape, name="backbone")
+    base = bottleneck_resnet(BACKBONE_BLOCKS[backbone], input_shape)
+    if weights is not None:
+        base.load_weights(weights)
+    return base
+
+
 def _stage_outputs(base: keras.Model) -> keras.Model:
     """The backbone with its conv4 (stride 16) output as a second output, for the lesion head."""
     conv4 = [l for l in base.layers if l.name.startswith("conv4_") and l.name.endswith("_out")][-1]
@@ -185,8 +244,9 @@ def build_classifier(
     """Builds the classifier; see the module docstring.
 
     Args:
-        backbone: ``resnet50`` or ``resnet101``.
-        weights: ``"imagenet"``, a path to a weights file for the backbone
+        backbone: one of ``BACKBONES``: ``resnet50``, ``resnet101`` (keras.applications), or
+            ``resnet14`` / ``resnet26`` (``bottleneck_resnet``).
+        weights: ``"imagenet"`` (resnet50/101), a path to a weights file for the backbone
             (``include_top=False``), or None.
         image_size: (height, width) of the input.
         channels: 1 (grey, replicated inside) or 3.
@@ -219,16 +279,19 @@ def build_classifier(
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: channels={channels}")
     resolved = resolve_weights(backbone, weights)
-    app = keras.applications.ResNet50 if backbone == "resnet50" else keras.applications.ResNet101
     try:
-        base = app(include_top=False, weights=resolved, input_shape=(*image_size, 3), name="backbone")
+        base = _backbone(backbone, resolved, (*image_size, 3))
     except (OSError, ValueError) as e:
         if resolved is None:
             raise
+        if backbone in IMAGENET_BACKBONES:
+            app = "ResNet50" if backbone == "resnet50" else "ResNet101"
+            what = f"a Keras weights file of keras.applications.{app}(include_top=False), e.g. {_WEIGHT_FILES[backbone]}"
+        else:
+            what = f"a weights file of a {backbone} backbone (`model.get_layer('backbone').save_weights(...)`)"
         raise TfBusError(
             f"{resolved}: cannot load it as {backbone} backbone weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"Pass a Keras weights file of keras.applications.{app.__name__}(include_top=False), e.g. "
-            f"{_WEIGHT_FILES[backbone]}, or --weights none."
+            f"Pass {what}, or --weights none."
         ) from None
 
     if fused_batch_norm:
