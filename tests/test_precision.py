@@ -118,8 +118,8 @@ def test_train_classifier_runs_in_mixed_float16(prepared, tmp_path):
     from tf_bus.training.classification import train_classifier
 
     weights = backbone_weights(tmp_path / "backbone.weights.h5")
-    config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0, time_budget_minutes=0,
-                              weights=str(weights), head_epochs=1, precision="mixed_float16")
+    config = ClassifierConfig(backbone=TEST_BACKBONE, image_size=(32, 32), batch_size=8, epochs=1, warmup_epochs=0,
+                              time_budget_minutes=0, weights=str(weights), head_epochs=1, precision="mixed_float16")
     summary = train_classifier(prepared, tmp_path / "run", config, verbose=0)
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["precision"] == "mixed_float16" and keras.mixed_precision.global_policy().name == "float32"
