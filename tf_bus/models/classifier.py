@@ -180,8 +180,8 @@ def _bottleneck_block(x, filters: int, stride: int, shortcut: bool, name: str):
 
 def bottleneck_resnet(blocks: tuple[int, int, int, int], input_shape: tuple[int, int, int],
                       name: str = "backbone") -> keras.Model:
-    """A ResNet v1 with ``blocks`` bottleneck blocks in its stages conv2..conv5, built as
-    ``keras.applications.ResNet50(include_top=False)`` builds its (7x7 stem, max pool,
+    """A ResNet v1 with ``blocks`` bottleneck blocks in its stages conv2..conv5, built the
+    way ``keras.applications.ResNet50(include_top=False)`` is (a 7x7 stem, max pooling,
     stages of 64/128/256/512 bottleneck filters, stride 2 from conv3 on), with the same
     layer names: ``blocks=(3, 4, 6, 3)`` is ResNet50 layer for layer (tested), and
     ``(1, 1, 1, 1)`` / ``(2, 2, 2, 2)`` are resnet14 / resnet26. Channels-last."""
