@@ -553,6 +553,14 @@ BACKBONES: tuple[str, ...] = tuple(BACKBONE_BLOCKS)
 IMAGENET_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101")
 
 
+def _check_imagenet(weights: str | None, backbones: tuple[str, ...]) -> None:
+    """``weights=imagenet`` with a backbone that has none is a config error, before any data is read."""
+    others = [b for b in backbones if b not in IMAGENET_BACKBONES]
+    if weights == "imagenet" and others:
+        raise ConfigError(f"`weights=imagenet` exists for {' and '.join(IMAGENET_BACKBONES)} only. Received: "
+                          f"backbone(s) {', '.join(others)}; pass weights=None or a local weights file of that backbone")
+
+
 #: The classifier's default augmentation: wider geometry than the segmenter's.
 CLASSIFIER_AUGMENTATION = AugmentConfig(rotation_deg=15.0, zoom=0.2, translate=0.1)
 
@@ -648,9 +656,7 @@ class ClassifierConfig(_TrainingConfig):
         self._check_common()
         if self.backbone not in BACKBONES:
             raise ConfigError(f"`backbone` must be one of {', '.join(BACKBONES)}. Received: backbone={self.backbone!r}")
-        if self.weights == "imagenet" and self.backbone not in IMAGENET_BACKBONES:
-            raise ConfigError(f"`weights=imagenet` exists for {' and '.join(IMAGENET_BACKBONES)} only. Received: "
-                              f"backbone={self.backbone!r}; pass weights=None or a local weights file of a {self.backbone}")
+        _check_imagenet(self.weights, (self.backbone,))
         if min(self.image_size) < 32:
             raise ConfigError(f"`image_size` must be at least 32x32 for a ResNet. Received: image_size={self.image_size}")
         if not 0 <= self.fine_tune_stages <= 5:
@@ -739,9 +745,7 @@ class TuneConfig:
         if not self.backbones or bad:
             raise ConfigError(f"`backbones` must be one or more of {', '.join(BACKBONES)}. "
                               f"Received: backbones={self.backbones}")
-        if self.base.weights == "imagenet" and set(self.backbones) - set(IMAGENET_BACKBONES):
-            raise ConfigError(f"`weights=imagenet` exists for {' and '.join(IMAGENET_BACKBONES)} only. Received: "
-                              f"backbones={tuple(self.backbones)}")
+        _check_imagenet(self.base.weights, tuple(self.backbones))
         for name in ("learning_rate_range", "weight_decay_range", "dropout_range", "fine_tune_stages_range",
                      "epochs_range", "batch_sizes", "backbones"):
             setattr(self, name, tuple(getattr(self, name)))

@@ -33,6 +33,8 @@ from tf_bus.models import normalization
 
 #: Residual stages of keras.applications ResNets, bottom to top (layer name prefixes).
 STAGES = ("conv2", "conv3", "conv4", "conv5")
+#: keras.applications' model of each ImageNet backbone, and its weights file.
+_KERAS_APPS = {"resnet50": "ResNet50", "resnet101": "ResNet101"}
 _WEIGHT_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "resnet101": "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -73,7 +75,7 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> str | N
         raise TfBusError(
             f"ImageNet weights for {backbone} cannot be downloaded here (no route to "
             f"{_WEIGHTS_HOST[0]}) and are not cached at {cached}. On a machine with internet run "
-            f"`python -c \"import keras; keras.applications.{'ResNet50' if backbone == 'resnet50' else 'ResNet101'}"
+            f"`python -c \"import keras; keras.applications.{_KERAS_APPS[backbone]}"
             f"(weights='imagenet', include_top=False)\"`, copy ~/.keras/models/{_WEIGHT_FILES[backbone]} here, "
             "and pass its path with --weights PATH (or put it in that cache folder); or pass --weights none."
         )
@@ -202,7 +204,7 @@ def bottleneck_resnet(blocks: tuple[int, int, int, int], input_shape: tuple[int,
 def _backbone(backbone: str, weights: str | None, input_shape: tuple[int, int, int]) -> keras.Model:
     """The backbone model named ``backbone``, with ``weights`` (resolved) loaded."""
     if backbone in IMAGENET_BACKBONES:
-        app = keras.applications.ResNet50 if backbone == "resnet50" else keras.applications.ResNet101
+        app = getattr(keras.applications, _KERAS_APPS[backbone])
         return app(include_top=False, weights=weights, input_shape=input_shape, name="backbone")
     base = bottleneck_resnet(BACKBONE_BLOCKS[backbone], input_shape)
     if weights is not None:
@@ -285,8 +287,8 @@ def build_classifier(
         if resolved is None:
             raise
         if backbone in IMAGENET_BACKBONES:
-            app = "ResNet50" if backbone == "resnet50" else "ResNet101"
-            what = f"a Keras weights file of keras.applications.{app}(include_top=False), e.g. {_WEIGHT_FILES[backbone]}"
+            what = (f"a Keras weights file of keras.applications.{_KERAS_APPS[backbone]}(include_top=False), e.g. "
+                    f"{_WEIGHT_FILES[backbone]}")
         else:
             what = f"a weights file of a {backbone} backbone (`model.get_layer('backbone').save_weights(...)`)"
         raise TfBusError(
