@@ -601,7 +601,7 @@ def _add_train_classifier(sub) -> None:
                         f"resnet26, the same bottleneck ResNet with 1 or 2 blocks a stage (measured at 128 px: 2.6-3.1x "
                         f"and 1.7x ResNet50's training images/s; from scratch or a local weights file). Without "
                         f"ImageNet weights resnet14 scores at least level with ResNet50 in under half its time: five-fold CVs on "
-                        f"BUSI, accuracy 0.724-0.760 against ResNet50's 0.714-0.741 (default: {d.backbone})")
+                        f"BUSI, accuracy 0.716-0.760 against ResNet50's 0.714-0.741 (default: {d.backbone})")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout before the softmax (default: {d.dropout})")
     p.add_argument("--head-epochs", type=int, default=d.head_epochs,
                    help=f"with pre-trained weights: epochs of head-only training (default: {d.head_epochs})")
