@@ -373,7 +373,7 @@ def test_lesion_only_is_the_default():
 
 
 def test_bad_config_values():
-    with pytest.raises(ConfigError, match="Received: loss='dicey'"):
+    with pytest.raises(ConfigError, match="boundary_bce_dice. Received: loss='dicey'"):
         SegmenterConfig(loss="dicey")
     with pytest.raises(ConfigError, match="profile_batches"):
         SegmenterConfig(profile_batches=(5, 2))

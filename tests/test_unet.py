@@ -78,7 +78,7 @@ def test_bad_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize("loss,attention", [("bce", {}), ("dice", {}), ("bce_dice", {}), ("focal_tversky", {}),
-                                            ("bce_dice", dict(attention_gates=True, transformer_blocks=2))])
+                                            ("boundary_bce_dice", {}), ("bce_dice", dict(attention_gates=True, transformer_blocks=2))])
 def test_a_few_steps_lower_the_loss(loss, attention, prepared):
     keras.utils.set_random_seed(1)
     cfg = LoaderConfig(image_size=(32, 32), batch_size=8, shuffle=False, augment=False)

@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tf_bus.config import BACKBONES, PRECISIONS, AugmentConfig, ConfigError
+from tf_bus.config import BACKBONES, PRECISIONS, SEGMENTATION_LOSSES, AugmentConfig, ConfigError
 
 PRECISION_HELP = ("compute precision. auto: mixed_bfloat16 on a GPU of compute capability 8.0+ (A100, H100, RTX 30xx) "
                   "or a CPU with native bf16 (AVX512_BF16/AMX); mixed_float16, with loss scaling, on a GPU of capability "
@@ -480,8 +480,10 @@ def _add_train_segmenter(sub) -> None:
                         "image size), each trained against the mask pooled to its size with a loss weight halved "
                         "per level, as in nnU-Net; the saved model is a plain U-Net. 0: off; N < depth "
                         f"(default: {d.deep_supervision})")
-    p.add_argument("--loss", choices=("bce", "dice", "bce_dice", "focal_tversky"), default=d.loss,
-                   help=f"training loss (default: {d.loss})")
+    p.add_argument("--loss", choices=SEGMENTATION_LOSSES, default=d.loss,
+                   help="training loss: bce; dice (soft Dice); bce_dice (their sum); focal_tversky; boundary_bce_dice "
+                        "(bce_dice whose BCE weighs the pixels within 2 px of the true outline 5 times) "
+                        f"(default: {d.loss})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"peak learning rate (default: {d.learning_rate})")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"threshold of the Dice/IoU metrics (default: {d.threshold})")

@@ -32,6 +32,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+#: The U-Net's training losses by name (``tf_bus.models.losses.get_loss``).
+SEGMENTATION_LOSSES = ("bce", "dice", "bce_dice", "focal_tversky", "boundary_bce_dice")
+
+
 def check_unet_arguments(*, image_size: tuple, channels: int, depth: int, base_filters: int, upsampling: str,
                          padding: str, transformer_blocks: int = 0, transformer_heads: int = 4) -> None:
     """Checks the U-Net's arguments without building it (``ConfigError``, a ``ValueError``,
@@ -437,7 +441,8 @@ class SegmenterConfig(_TrainingConfig):
         deep_supervision: auxiliary outputs on the decoder's levels 1..N, trained with
             their own losses (``tf_bus.models.unet.DeepSupervision``); 0: none. The saved
             models are plain U-Nets either way.
-        loss: ``bce``, ``dice``, ``bce_dice`` or ``focal_tversky``.
+        loss: ``bce``, ``dice``, ``bce_dice``, ``focal_tversky`` or ``boundary_bce_dice``
+            (``tf_bus.models.losses``).
         epochs: maximum epochs.
         batch_size: global batch size.
         learning_rate: peak learning rate (Adam).
@@ -527,8 +532,8 @@ class SegmenterConfig(_TrainingConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.loss not in ("bce", "dice", "bce_dice", "focal_tversky"):
-            raise ConfigError(f"`loss` must be bce, dice, bce_dice or focal_tversky. Received: loss={self.loss!r}")
+        if self.loss not in SEGMENTATION_LOSSES:
+            raise ConfigError(f"`loss` must be one of {', '.join(SEGMENTATION_LOSSES)}. Received: loss={self.loss!r}")
         check_unet_arguments(image_size=self.image_size, channels=self.channels, depth=self.depth,
                              base_filters=self.base_filters, upsampling=self.upsampling, padding=self.padding,
                              transformer_blocks=self.transformer_blocks, transformer_heads=self.transformer_heads)
