@@ -30,6 +30,13 @@ def _flat(y_true, y_pred):
     return y_true, y_pred, axes
 
 
+def _pixel_bce(y_true, y_pred):
+    """Binary cross-entropy of every pixel (float32 inputs from ``_flat``), probabilities clipped."""
+    eps = keras.config.epsilon()
+    p = ops.clip(y_pred, eps, 1.0 - eps)
+    return -(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p))
+
+
 @keras.saving.register_keras_serializable(package="tf_bus")
 class SoftDiceLoss(keras.losses.Loss):
     """Soft Dice loss per image, then the batch mean.
@@ -65,9 +72,7 @@ class BceDiceLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true, y_pred, axes = _flat(y_true, y_pred)
-        eps = keras.config.epsilon()
-        p = ops.clip(y_pred, eps, 1.0 - eps)
-        bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=axes)
+        bce = ops.mean(_pixel_bce(y_true, y_pred), axis=axes)
         return self.bce_weight * bce + self.dice_weight * self._dice.call(y_true, y_pred)
 
     def get_config(self):
@@ -140,11 +145,8 @@ class BoundaryBceDiceLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true, y_pred, axes = _flat(y_true, y_pred)
-        eps = keras.config.epsilon()
-        p = ops.clip(y_pred, eps, 1.0 - eps)
         weight = 1.0 + self.band_weight * self.band(y_true)
-        bce = -(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p))
-        weighted = ops.sum(weight * bce, axis=axes) / ops.sum(weight, axis=axes)
+        weighted = ops.sum(weight * _pixel_bce(y_true, y_pred), axis=axes) / ops.sum(weight, axis=axes)
         return weighted + self._dice.call(y_true, y_pred)
 
     def get_config(self):
