@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,102 @@ def test_export_cli(tiny_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cls" / "1" / "saved_model.pb").is_file()
     assert (tmp_path / "cls" / "1" / "assets.extra" / "tf_bus.json").is_file()
+
+
+# ------------------------------------------------------------ a cross-validation's folds, averaged
+
+@pytest.mark.parametrize("index, kind, key", [(0, "segmenter", "mask_probabilities"), (1, "classifier", "probabilities")])
+def test_a_cross_validation_exports_the_mean_of_its_folds(two_cvs, tmp_path, images, index, kind, key):
+    """`tf-bus export CV_DIR`: one SavedModel whose outputs are the mean of the fold models',
+    at the median of the folds' thresholds; `predict --run CV_DIR` answers the same."""
+    import json
+
+    import keras
+
+    from tf_bus.export import local_predictor
+
+    cv = two_cvs[index]
+    info = export_run(cv, tmp_path / "models", "ens")
+    assert info["kind"] == kind and info["folds"] == 2 and info["source_run"] == str(cv.resolve())
+    folds = [keras.saving.load_model(cv / f"fold_{k}" / "best.keras", compile=False) for k in range(2)]
+    _, h, w, c = folds[0].input_shape
+    x = np.stack([keras_input(images[k][1], (h, w), c) for k in ("grey_png", "rgb_png")])
+    scale = 1.0 if kind == "classifier" else 1.0 / 255.0
+    each = [np.asarray(m(x * scale, training=False), np.float32) for m in folds]
+    # The tiny ResNets compute in mixed_bfloat16 (8 mantissa bits), and a traced graph rounds
+    # differently from these eager calls: agreement to bfloat16's precision.
+    atol = 1e-5 if all(layer.dtype_policy.compute_dtype == "float32" for layer in folds[0].layers) else 4e-3
+    assert np.abs(each[0] - each[1]).max() > 5 * atol, "the folds differ, so their mean is neither"
+    want = (each[0] + each[1]) / 2.0
+    loaded = tf.saved_model.load(info["path"])
+    got = loaded.signatures["predict_tensor"](images=tf.constant(x))[key].numpy()
+    np.testing.assert_allclose(got, want if kind == "classifier" else want[..., 0], atol=atol)
+
+    encoded = [images[k][1] for k in ("grey_png", "rgb_jpeg")]
+    served = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    got_kind, local = local_predictor(cv)
+    mine = local(encoded)
+    assert got_kind == kind and sorted(mine) == sorted(served)
+    for name, value in served.items():
+        if value.dtype == tf.string:
+            assert list(mine[name]) == list(value.numpy()), name
+        else:
+            np.testing.assert_allclose(mine[name], value.numpy(), atol=1e-6, err_msg=name)
+    if kind == "segmenter":
+        summary = json.loads((cv / "cross_validation.json").read_text())
+        assert info["threshold"] == pytest.approx(float(np.median([f["threshold"] for f in summary["folds"]])))
+        if info["postprocess"] == "none":  # the mask is the averaged probabilities at that threshold
+            prob, size = served["mask_probabilities"].numpy()[0], served["image_size"].numpy()[0]
+            mask = tf.io.decode_png(served["mask_png_bytes"][0]).numpy()[..., 0]
+            np.testing.assert_array_equal(mask > 0, prob[:size[0], :size[1]] >= info["threshold"])
+
+
+@pytest.mark.parametrize("folds, given, expected", [
+    ([(0.4, "none"), (0.6, "largest"), (0.5, "largest")], (None, None), (0.5, "largest")),
+    ([(0.4, "largest"), (0.7, "none")], (None, None), (0.55, "none")),  # a tie keeps the masks as they are
+    ([(0.4, "largest"), (0.6, "largest")], (0.3, "none"), (0.3, "none")),  # what is given wins
+    ([], (None, None), (0.5, "none")),
+])
+def test_fold_ensembles_threshold_and_post_processing(folds, given, expected):
+    from tf_bus.export import _fold_mask_settings
+
+    summary = {"folds": [{"threshold": t, "postprocess": p} for t, p in folds]}
+    threshold, postprocess = _fold_mask_settings(summary, *given)
+    assert (threshold, postprocess) == (pytest.approx(expected[0]), expected[1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cross_validation.json", "the cross-validation has not finished .no cross_validation.json.; run the same "
+                              "`tf-bus train-segmenter --folds 2` command again"),
+    ("fold_1/best.keras", "fold_1/best.keras: missing, so the fold ensemble would lack fold 1"),
+])
+def test_an_unfinished_cross_validation_is_not_exported(two_cvs, tmp_path, damage, message):
+    import shutil
+
+    cv = tmp_path / "cv"
+    shutil.copytree(two_cvs[0], cv)
+    (cv / damage).unlink()
+    with pytest.raises(TfBusError, match=message):
+        export_run(cv, tmp_path / "models", "ens")
+    assert not (tmp_path / "models" / "ens").exists()
+    (tmp_path / "x.png").write_bytes(png(np.zeros((8, 8), np.uint8)))
+    r = cli("predict", "--run", cv, tmp_path / "x.png")
+    assert r.returncode != 0 and re.search(message, r.stderr) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_fold_ensemble_needs_one_input_shape():
+    import keras
+
+    from tf_bus.export import fold_ensemble
+
+    def tiny(size):
+        x = keras.Input((size, size, 1))
+        return keras.Model(x, keras.layers.Conv2D(1, 1)(x))
+
+    with pytest.raises(TfBusError, match=r"different inputs \(\(16, 16, 1\), \(32, 32, 1\)\).*same --image-size"):
+        fold_ensemble([tiny(16), tiny(32)])
+    with pytest.raises(TfBusError, match="at least one model"):
+        fold_ensemble([])
+    single = fold_ensemble([tiny(16)])
+    x = np.random.default_rng(0).random((2, 16, 16, 1)).astype("float32")
+    np.testing.assert_allclose(single(x).numpy(), single.get_layer("fold_0")(x).numpy(), atol=1e-6)

@@ -783,11 +783,13 @@ def _add_export(sub) -> None:
                        description="Export RUN_DIR's best model (segmenter or classifier) to "
                                    "MODELS/NAME/VERSION/, the layout tensorflow_model_server watches, with the "
                                    "signatures serving_default (encoded image bytes in) and predict_tensor (float "
-                                   "images in). RUN_DIR may also be a `tf-bus fuse` result: one SavedModel with every "
+                                   "images in). RUN_DIR may also be a --folds K cross-validation folder: its K fold "
+                                   "models averaged (as nnU-Net predicts), at the median of the folds' thresholds; or a "
+                                   "`tf-bus fuse` result: one SavedModel with every "
                                    "fold's U-Net and ResNet, the lesion descriptors and the trees (serving_default "
                                    "only). Written to a temporary folder and renamed; versions are never overwritten.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder, or a "
-                                                      "tf-bus fuse --out folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder, a --folds K "
+                                                      "folder (the folds averaged), or a tf-bus fuse --out folder")
     p.add_argument("--model-base-path", required=True, metavar="MODELS",
                    help="the folder of models (TF Serving's --model_base_path is MODELS/NAME)")
     p.add_argument("--name", required=True, help="model name: letters, digits, '_', '-', '.'")
@@ -795,10 +797,11 @@ def _add_export(sub) -> None:
                    help="version number (default: one more than the highest existing)")
     p.add_argument("--threshold", type=float, default=None,
                    help="segmenter: mask threshold baked into the signature (default: RUN_DIR/threshold.json, "
-                        "else the run's)")
+                        "else the run's; for a --folds K folder, the median of its folds')")
     p.add_argument("--postprocess", choices=("none", "largest"), default=None,
                    help="segmenter: mask post-processing baked into the signature; largest keeps the largest "
-                        "component, holes filled (default: RUN_DIR/threshold.json's choice, else none)")
+                        "component, holes filled (default: RUN_DIR/threshold.json's choice, else none; for a --folds K "
+                        "folder, largest if most folds chose it)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -922,7 +925,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="API to use (default: grpc)")
     p.add_argument("--model", default=None, help="the model name on the server (or --run)")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
-                   help="no server: run a train-segmenter or train-classifier RUN_DIR's best model in this process, "
+                   help="no server: run a train-segmenter or train-classifier RUN_DIR's best model (a --folds K "
+                        "folder: its folds averaged) in this process, "
                         "through the signature `tf-bus export` would serve (its threshold and post-processing), "
                         "and print the same lines (instead of --model)")
     p.add_argument("--version", type=_positive_int, default=None, help="a model version (default: the latest)")

@@ -1,7 +1,8 @@
 """Export for TensorFlow Serving (stage 8): `tf-bus export`.
 
-A trained run (segmenter or classifier), or a `tf-bus fuse` result (the fused classifier:
-``tf_bus.fusion.export_fused``), becomes a SavedModel at
+A trained run (segmenter or classifier), a ``--folds K`` cross-validation of either (its K
+fold models averaged, as nnU-Net predicts with its folds: ``fold_ensemble``), or a `tf-bus
+fuse` result (the fused classifier: ``tf_bus.fusion.export_fused``), becomes a SavedModel at
 ``MODELS/NAME/<version>/``, the layout ``tensorflow_model_server --model_base_path``
 watches. The version is the next free integer unless given; it is written to a temporary
 folder beside it and renamed, so a server polling MODELS never sees half a model, and an
@@ -78,6 +79,96 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Mod
         if (run_dir / name).exists():
             return kind, record, keras.saving.load_model(run_dir / name, compile=False)
     raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first.")
+
+
+def is_cross_validation(run_dir: str | os.PathLike) -> bool:
+    """Whether RUN_DIR is a ``train-segmenter|train-classifier --folds K`` folder."""
+    try:
+        record = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "folds" in record
+
+
+def fold_ensemble(models: list[keras.Model], name: str = "fold_ensemble") -> keras.Model:
+    """One functional model whose output is the mean of ``models``' outputs (float32): the
+    K fold models of a cross-validation as one predictor. The models are renamed
+    ``fold_0`` ... (in memory), since one model cannot hold two layers of the same name.
+
+    Raises:
+        TfBusError: no models, or models with different input shapes.
+    """
+    if not models:
+        raise TfBusError("fold_ensemble needs at least one model.")
+    shapes = [tuple(m.input_shape[1:]) for m in models]
+    if len(set(shapes)) != 1:
+        raise TfBusError(f"the fold models take different inputs ({', '.join(map(str, shapes))}); a fold "
+                         "ensemble needs folds trained with the same --image-size and --channels.")
+    inputs = keras.Input(shapes[0], name="images")
+    outputs = []
+    for k, m in enumerate(models):
+        m.name = f"fold_{k}"
+        outputs.append(m(inputs))
+    averaged = keras.layers.Average(name="fold_average", dtype="float32")(outputs) if len(outputs) > 1 else \
+        keras.layers.Activation("linear", name="fold_average", dtype="float32")(outputs[0])
+    return keras.Model(inputs, averaged, name=name)
+
+
+def read_cross_validation(cv_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model, dict[str, Any]]:
+    """(kind, config.json record, ``fold_ensemble`` of every fold's best model,
+    cross_validation.json) of a finished ``--folds K`` folder.
+
+    Raises:
+        TfBusError: the cross-validation has not finished, or a fold's model is missing.
+    """
+    cv_dir = Path(cv_dir)
+    record = json.loads((cv_dir / "config.json").read_text())
+    kind, folds = record.get("kind"), record.get("folds")
+    if kind not in ("segmenter", "classifier") or not isinstance(folds, int) or folds < 1:
+        raise TfBusError(f"{cv_dir / 'config.json'}: kind {kind!r} and folds {folds!r} are not a cross-validation's; "
+                         "is this a `tf-bus train-segmenter|train-classifier --folds K` folder?")
+    again = f"run the same `tf-bus train-{kind} --folds {folds}` command again to finish it"
+    summary_file = cv_dir / "cross_validation.json"
+    if not summary_file.is_file():
+        raise TfBusError(f"{cv_dir}: the cross-validation has not finished (no cross_validation.json); {again}.")
+    summary = json.loads(summary_file.read_text())
+    import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
+
+    models = []
+    for k in range(folds):
+        path = cv_dir / f"fold_{k}" / "best.keras"
+        if not path.is_file():
+            raise TfBusError(f"{path}: missing, so the fold ensemble would lack fold {k}; {again}.")
+        models.append(keras.saving.load_model(path, compile=False))
+    return kind, record, fold_ensemble(models), summary
+
+
+def _fold_mask_settings(summary: dict[str, Any], threshold: float | None,
+                        postprocess: str | None) -> tuple[float, str]:
+    """A fold ensemble's threshold and post-processing, where not given: the median of the
+    folds' thresholds (each chosen on its fold's validation cases) and ``largest`` only if
+    most folds chose it."""
+    folds = summary.get("folds") or []
+    if threshold is None:
+        threshold = float(np.median([f.get("threshold", 0.5) for f in folds])) if folds else 0.5
+    if postprocess is None:
+        largest = sum(f.get("postprocess") == "largest" for f in folds)
+        postprocess = "largest" if largest > len(folds) / 2 else "none"
+    return threshold, postprocess
+
+
+def read_for_serving(run_dir: str | os.PathLike, threshold: float | None = None,
+                     postprocess: str | None = None) -> tuple[str, keras.Model, float | None, str | None, int | None]:
+    """(kind, model, threshold, post-processing, folds) that `tf-bus export` serves for a run
+    folder or a ``--folds K`` folder (``folds`` is None for a single run)."""
+    if is_cross_validation(run_dir):
+        kind, record, model, summary = read_cross_validation(run_dir)
+        if kind == "segmenter":
+            threshold, postprocess = _fold_mask_settings(summary, threshold, postprocess)
+        return kind, model, threshold, postprocess, record["folds"]
+    kind, record, model = read_run(run_dir)
+    threshold, postprocess = _mask_settings(run_dir, kind, record, threshold, postprocess)
+    return kind, model, threshold, postprocess, None
 
 
 def next_version(model_dir: Path) -> int:
@@ -171,9 +262,12 @@ def export_run(
     docstring) and returns what was written. The segmenter's threshold defaults to
     RUN_DIR/threshold.json (from ``evaluate-segmenter --choose-threshold``), else the run's;
     its mask post-processing (``none`` or ``largest``) to threshold.json's, else ``none``.
+    A ``--folds K`` folder exports the mean of its K fold models (``fold_ensemble``), with
+    the median of the folds' thresholds and the post-processing most folds chose.
 
     Raises:
-        TfBusError: not a run folder, a bad model name, or ``version`` already exists.
+        TfBusError: not a run folder, an unfinished cross-validation, a bad model name, or
+            ``version`` already exists.
     """
     check_model_name(name)
     if (Path(run_dir) / "fusion_model.json").is_file():  # a `tf-bus fuse` result
@@ -183,10 +277,9 @@ def export_run(
         from tf_bus.fusion import export_fused
 
         return export_fused(run_dir, model_base_path, name, version)
-    kind, record, model = read_run(run_dir)
-    threshold, postprocess = _mask_settings(run_dir, kind, record, threshold, postprocess)
+    kind, model, threshold, postprocess, folds = read_for_serving(run_dir, threshold, postprocess)
     return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
-                        source_run=str(Path(run_dir).resolve()))
+                        source_run=str(Path(run_dir).resolve()), folds=folds)
 
 
 def _mask_settings(run_dir, kind: str, record: dict[str, Any], threshold: float | None,
@@ -210,8 +303,7 @@ def local_predictor(run_dir: str | os.PathLike) -> tuple[str, Callable[[list[byt
     if (Path(run_dir) / "fusion_model.json").is_file():
         raise TfBusError(f"{run_dir}: is a `tf-bus fuse` result; classify images with `tf-bus fuse-predict "
                          f"{run_dir} IMAGE...`.")
-    kind, record, model = read_run(run_dir)
-    threshold, postprocess = _mask_settings(run_dir, kind, record, None, None)
+    kind, model, threshold, postprocess, _ = read_for_serving(run_dir)
     serve, _, bytes_spec, _ = _signatures(kind, model, threshold if threshold is not None else 0.5,
                                           postprocess or "none")
     serve = tf.function(serve, input_signature=bytes_spec)
@@ -232,8 +324,11 @@ def export_model(
     threshold: float | None = None,
     postprocess: str | None = None,
     source_run: str | None = None,
+    folds: int | None = None,
 ) -> dict[str, Any]:
-    """Exports an in-memory ``segmenter`` or ``classifier`` model (see ``export_run``)."""
+    """Exports an in-memory ``segmenter`` or ``classifier`` model (see ``export_run``);
+    ``folds``: how many fold models it averages (a cross-validation's), recorded in
+    tf_bus.json."""
     from tf_bus.evaluation import POSTPROCESSING
 
     check_model_name(name)
@@ -259,7 +354,7 @@ def export_model(
             "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
             "threshold": threshold if kind == "segmenter" else None,
             "postprocess": postprocess if kind == "segmenter" else None,
-            "source_run": source_run, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
+            "source_run": source_run, "folds": folds, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
     return write_version(archive, model_dir, version, meta)
 
 
