@@ -216,10 +216,10 @@ def test_a_cross_validation_exports_the_mean_of_its_folds(two_cvs, tmp_path, ima
     ([], (None, None), (0.5, "none")),
 ])
 def test_fold_ensembles_threshold_and_post_processing(folds, given, expected):
-    from tf_bus.export import _fold_mask_settings
+    from tf_bus.export import fold_mask_settings
 
     summary = {"folds": [{"threshold": t, "postprocess": p} for t, p in folds]}
-    threshold, postprocess = _fold_mask_settings(summary, *given)
+    threshold, postprocess = fold_mask_settings(summary, *given)
     assert (threshold, postprocess) == (pytest.approx(expected[0]), expected[1])
 
 
@@ -258,3 +258,83 @@ def test_a_fold_ensemble_needs_one_input_shape():
     single = fold_ensemble([tiny(16)])
     x = np.random.default_rng(0).random((2, 16, 16, 1)).astype("float32")
     np.testing.assert_allclose(single(x).numpy(), single.get_layer("fold_0")(x).numpy(), atol=1e-6)
+
+
+def test_evaluate_segmenter_scores_the_folds_average_on_other_data(two_cvs, synthetic_release, tmp_path):
+    """`evaluate-segmenter CV_DIR` scores what `export CV_DIR` serves, on data the CV did not
+    use, and refuses the data it cross-validated; a threshold chosen then is what export uses."""
+    import json
+    import shutil
+
+    from tf_bus.data.busi import read_release
+    from tf_bus.data.split import make_split, save_splits
+    from tf_bus.data.synthetic import make_synthetic
+    from tf_bus.evaluation import evaluate_segmenter, mask_metrics, postprocess_mask, predict_split
+    from tf_bus.export import fold_mask_settings, read_for_serving
+
+    other = make_synthetic(tmp_path / "other", n=24, seed=11)
+    splits = tmp_path / "splits.json"
+    save_splits(make_split(read_release(other).infos), splits)
+    cv = tmp_path / "cv"
+    shutil.copytree(two_cvs[0], cv)
+    result = evaluate_segmenter(cv, other, "train", splits_file=splits)  # data the CV never saw, any split
+    threshold, postprocess = fold_mask_settings(json.loads((cv / "cross_validation.json").read_text()), None, None)
+    assert result["settings"]["threshold"] == pytest.approx(threshold)
+    assert result["settings"]["postprocess"] == postprocess
+    folds = [{p[0]: p for p in predict_split(cv / f"fold_{k}", other, "train", splits_file=splits)} for k in range(2)]
+    assert sorted(r["name"] for r in result["per_image"]) == sorted(folds[0]) == sorted(folds[1])
+    assert any(r["lesion"] for r in result["per_image"]) and any(not r["lesion"] for r in result["per_image"])
+    averaged = {p[0]: p for p in predict_split(cv, other, "train", splits_file=splits)}  # what was scored
+    apart = 0.0
+    for row in result["per_image"]:
+        (_, _, p0, truth), (_, _, p1, _) = folds[0][row["name"]], folds[1][row["name"]]
+        want = mask_metrics(postprocess_mask((p0 + p1) / 2.0 >= threshold, postprocess), truth, with_hd95=False)
+        key = "dice" if want["lesion"] else "fp_area_fraction"
+        assert row[key] == pytest.approx(want[key], abs=0.02), row["name"]
+        np.testing.assert_allclose(averaged[row["name"]][2], (p0 + p1) / 2.0, atol=1e-4)
+        apart = max(apart, float(np.abs(p0 - p1).max()))
+    assert apart > 0.01, "the folds' maps differ, so their mean is neither"
+    assert (cv / "eval_train" / "metrics.json").is_file()
+
+    with pytest.raises(TfBusError, match="is a cross-validation of .*, so every case there trained some of its folds"):
+        evaluate_segmenter(cv, synthetic_release, "test")
+
+    (cv / "threshold.json").write_text(json.dumps({"threshold": 0.3, "postprocess": "largest"}))
+    kind, _, got_threshold, got_postprocess, folds_count = read_for_serving(cv)
+    assert (kind, got_threshold, got_postprocess, folds_count) == ("segmenter", 0.3, "largest", 2)
+    assert read_for_serving(cv, 0.6, "none")[2:4] == (0.6, "none")
+
+
+def test_evaluate_classifier_scores_the_folds_average_on_other_data(two_cvs, synthetic_release, tmp_path):
+    """`evaluate-classifier CV_DIR`: the folds' probabilities averaged, on data the CV did not
+    use; the CV's own data and `--checkpoint last` are refused."""
+    import shutil
+
+    from tf_bus.data.busi import read_release
+    from tf_bus.data.split import make_split, save_splits
+    from tf_bus.data.synthetic import make_synthetic
+    from tf_bus.evaluation import evaluate_classifier
+
+    other = make_synthetic(tmp_path / "other", n=24, seed=11)
+    splits = tmp_path / "splits.json"
+    save_splits(make_split(read_release(other).infos), splits)
+    cv = tmp_path / "cv"
+    shutil.copytree(two_cvs[1], cv)
+    result = evaluate_classifier(cv, other, "train", splits_file=splits)
+    folds = [{r["name"]: np.array(r["probabilities"]) for r in
+              evaluate_classifier(cv / f"fold_{k}", other, "train", splits_file=splits)["per_image"]} for k in range(2)]
+    assert sorted(r["name"] for r in result["per_image"]) == sorted(folds[0]) == sorted(folds[1])
+    apart = 0.0
+    for row in result["per_image"]:
+        p0, p1 = folds[0][row["name"]], folds[1][row["name"]]
+        np.testing.assert_allclose(row["probabilities"], (p0 + p1) / 2.0, atol=4e-3)  # bfloat16 ResNets
+        apart = max(apart, float(np.abs(p0 - p1).max()))
+    assert apart > 0.02, "the folds differ, so their mean is neither"
+    assert result["settings"]["model"] == str(cv) and (cv / "eval_train" / "metrics.json").is_file()
+
+    with pytest.raises(TfBusError, match="is a cross-validation of .*, so every case there trained some of its folds"):
+        evaluate_classifier(cv, synthetic_release, "test")
+    with pytest.raises(TfBusError, match="average is of its folds' best.keras; leave out --checkpoint last"):
+        evaluate_classifier(cv, other, "test", splits_file=splits, checkpoint="last")
+    with pytest.raises(TfBusError, match="not a train-classifier one; evaluate it with `tf-bus evaluate-segmenter`"):
+        evaluate_classifier(two_cvs[0], other, "test", splits_file=splits)

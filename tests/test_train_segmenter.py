@@ -324,8 +324,11 @@ def test_run_folders_are_read_or_refused_naming_the_fix(text, expected, kind, me
 @pytest.mark.parametrize("argv, record, message", [
     (["evaluate-classifier", "{run}", "--data", "{run}"], SEG, "evaluate it with `tf-bus evaluate-segmenter`"),
     (["evaluate-segmenter", "{run}", "--data", "{run}"], CLF, "evaluate it with `tf-bus evaluate-classifier`"),
+    (["explain", "{run}", "{run}/x.png"], {**CLF, "kind": "classifier", "folds": 5},
+     "Pass one fold's folder here. The whole folder goes to `tf-bus compare`, `fuse`, and, as its folds averaged, "
+     "`export`, `predict --run` and the evaluate commands."),
     (["evaluate-segmenter", "{run}", "--data", "{run}"], {**SEG, "kind": "segmenter", "folds": 5},
-     "Pass one fold's folder here, or the whole folder to `tf-bus compare`, `tf-bus fuse`, or `tf-bus export`"),
+     "the cross-validation has not finished (no cross_validation.json)"),
     (["export", "{run}", "--model-base-path", "{run}/m", "--name", "x"], {**SEG, "kind": "segmenter", "folds": 5},
      "the cross-validation has not finished (no cross_validation.json); run the same `tf-bus train-segmenter "
      "--folds 5` command again"),

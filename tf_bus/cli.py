@@ -522,7 +522,9 @@ def _add_evaluate_segmenter(sub) -> None:
                        description="Evaluate RUN_DIR's best model on a split: per-image and aggregate metrics "
                                    "(lesion and normal images apart) to RUN_DIR/eval_SPLIT/metrics.json and an "
                                    "overlay grid to overlays.png.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a train-segmenter run folder, or a --folds K folder: its folds averaged, as `tf-bus "
+                        "export` serves them, on data other than what it cross-validated")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="prepare output, segmentation layout, raw release, or an s3:// publish")
     _add_s3_data_flags(p)
@@ -530,10 +532,12 @@ def _add_evaluate_segmenter(sub) -> None:
     p.add_argument("--splits", metavar="SPLITS_JSON", help="with a raw release: the split file to use")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the left-right flip")
     p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: RUN_DIR/threshold.json if present, else the run's)")
+                   help="probability threshold (default: RUN_DIR/threshold.json if present, else the run's; "
+                        "a --folds K folder: the median of its folds')")
     p.add_argument("--postprocess", choices=("none", "largest"), default=None,
                    help="none: the thresholded mask; largest: keep its largest connected component, holes filled "
-                        "(default: the choice in RUN_DIR/threshold.json if present, else none)")
+                        "(default: the choice in RUN_DIR/threshold.json if present, else none; a --folds K "
+                        "folder: largest if most of its folds chose it)")
     p.add_argument("--choose-threshold", action="store_true",
                    help="first pick the threshold, and the --postprocess unless given, with the best mean lesion "
                         "Dice on the validation split (saved to RUN_DIR/threshold.json, which later evaluations "
@@ -641,7 +645,9 @@ def _add_evaluate_classifier(sub) -> None:
     p = sub.add_parser("evaluate-classifier", help="accuracy, precision/recall/F1, AUC, confusion matrix",
                        description="Evaluate RUN_DIR's classifier (best.keras, or --checkpoint last) on a split (original images only): "
                                    "metrics.json, confusion_matrix.png and roc.png in RUN_DIR/eval_SPLIT.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a train-classifier run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a train-classifier run folder, or a --folds K folder: its folds averaged, as `tf-bus "
+                        "export` serves them, on data other than what it cross-validated")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="prepare output, classification layout, raw release, or an s3:// publish")
     _add_s3_data_flags(p)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from tf_bus.data.busi import TfBusError
+
 METRIC_KEYS = ("tpr", "fpr", "jaccard", "dice", "precision", "hd95")
 POSTPROCESSING = ("none", "largest")
 
@@ -149,8 +151,48 @@ def _truth_paths(data, split: str, splits_file=None) -> dict[str, tuple[str, str
     return {layout_stem(f"{CLASS_NAMES[l]}/{Path(i).stem}"): (i, m) for i, m, l in zip(images, masks, labels)}
 
 
-def predict_split(run_dir, data, split: str, *, tta: bool = False, splits_file=None):
-    """Predicts every image of ``split`` at its own resolution.
+def load_segmenter(run_dir):
+    """``(config, record, model, cross_validation summary or None)`` of a train-segmenter run
+    folder, or of a ``--folds K`` folder (model: its folds averaged,
+    ``tf_bus.export.fold_ensemble``)."""
+    from tf_bus.config import SegmenterConfig
+    from tf_bus.export import is_cross_validation, read_cross_validation
+    from tf_bus.training.segmentation import load_best_model, load_run_config
+
+    if is_cross_validation(run_dir):
+        kind, record, model, summary = read_cross_validation(run_dir)
+        if kind != "segmenter":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --folds` cross-validation, not a "
+                             f"train-segmenter one.")
+        return SegmenterConfig.from_dict(record["config"]), record, model, summary
+    cfg, record = load_run_config(run_dir)
+    return cfg, record, load_best_model(run_dir), None
+
+
+def _release_root(path) -> Path:
+    """The raw release behind ``path`` (a `tf-bus prepare` output names its source)."""
+    import json
+
+    p = Path(str(path)).expanduser().resolve()
+    try:
+        source = json.loads((p / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    return Path(source).expanduser().resolve() if source else p
+
+
+def refuse_own_data(run_dir, record: dict[str, Any], data) -> None:
+    """A ``--folds K`` folder's average cannot be scored on the data it cross-validated:
+    every case there trained some of its folds."""
+    if _release_root(data) == _release_root(record.get("data", "")):
+        raise TfBusError(f"{run_dir}: is a cross-validation of {data}, so every case there trained some of its "
+                         f"folds and their average has no held-out case to be scored on. Evaluate it on other "
+                         f"data; its folds' own held-out scores are in {Path(run_dir) / 'cross_validation.json'}.")
+
+
+def predict_split(run_dir, data, split: str, *, tta: bool = False, splits_file=None, loaded=None):
+    """Predicts every image of ``split`` at its own resolution; ``loaded``: what
+    ``load_segmenter(run_dir)`` returned, to load the model once for several splits.
 
     Returns:
         A list of ``(name, image_path, probabilities (H, W) float32, truth (H, W) uint8)``.
@@ -159,10 +201,9 @@ def predict_split(run_dir, data, split: str, *, tta: bool = False, splits_file=N
 
     from tf_bus.data.busi import load_mask
     from tf_bus.data.pipeline import segmentation_dataset
-    from tf_bus.training.segmentation import load_best_model, load_run_config, loader_config
+    from tf_bus.training.segmentation import loader_config
 
-    cfg, _ = load_run_config(run_dir)
-    model = load_best_model(run_dir)
+    cfg, _, model, _ = loaded or load_segmenter(run_dir)
     paths = _truth_paths(data, split, splits_file)
     ds = segmentation_dataset(data, split, loader_config(cfg, shuffle=False, augment=False, cache=False),
                               training=False, include_names=True, splits_file=splits_file)
@@ -247,6 +288,10 @@ def evaluate_segmenter(
     ``largest``): ``postprocess`` if given; else chosen on validation together with the
     threshold; else the saved choice; else ``none``.
 
+    RUN_DIR may be a ``--folds K`` folder: its folds averaged, by default at the median of
+    their thresholds and the post-processing most chose (as ``tf-bus export`` serves it). Each
+    case of the data it cross-validated trained some fold, so that data is refused.
+
     Returns:
         ``{"settings", "aggregate", "per_image"}`` as saved in ``metrics.json``; also
         ``overlays.png`` (image, truth, prediction for lesion images across the Dice range
@@ -254,17 +299,20 @@ def evaluate_segmenter(
     """
     import json
 
+    from tf_bus.export import fold_mask_settings
     from tf_bus.io import write_json_atomic
-    from tf_bus.training.segmentation import load_run_config
 
     run_dir = Path(run_dir)
-    cfg, _ = load_run_config(run_dir)
+    loaded = load_segmenter(run_dir)
+    cfg, record, _, summary = loaded
+    if summary is not None:
+        refuse_own_data(run_dir, record, data)
     saved = run_dir / "threshold.json"
     if postprocess is not None and postprocess not in POSTPROCESSING:
         raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESSING)}. Received: {postprocess!r}")
     chosen_scores = None
     if threshold is None and choose_on_validation:
-        val = predict_split(run_dir, data, "validation", tta=tta, splits_file=splits_file)
+        val = predict_split(run_dir, data, "validation", tta=tta, splits_file=splits_file, loaded=loaded)
         if postprocess is None:
             threshold, postprocess, chosen_scores = choose_postprocessing(val)
         else:
@@ -276,9 +324,11 @@ def evaluate_segmenter(
         choice = json.loads(saved.read_text())
         threshold = float(choice["threshold"]) if threshold is None else threshold
         postprocess = postprocess or choice.get("postprocess", "none")
+    if summary is not None:
+        threshold, postprocess = fold_mask_settings(summary, threshold, postprocess)
     threshold = cfg.threshold if threshold is None else threshold
     postprocess = postprocess or "none"
-    preds = predict_split(run_dir, data, split, tta=tta, splits_file=splits_file)
+    preds = predict_split(run_dir, data, split, tta=tta, splits_file=splits_file, loaded=loaded)
     per_image = []
     masks = [postprocess_mask(prob >= threshold, postprocess) for _, _, prob, _ in preds]
     for (name, _, prob, truth), mask in zip(preds, masks):
@@ -443,7 +493,8 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
                         checkpoint: str = "best") -> dict[str, Any]:
     """Evaluates RUN_DIR's classifier on ``split`` (original images only, no balancing
     copies); writes ``RUN_DIR/eval_<split>/metrics.json``, ``confusion_matrix.png`` and
-    ``roc.png``.
+    ``roc.png``. RUN_DIR may be a ``--folds K`` folder: its folds' ``best.keras`` averaged
+    (as ``tf-bus export`` serves them), on data other than what it cross-validated.
 
     Args:
         tta: average the probabilities of each image and its left-right mirror image.
@@ -454,22 +505,35 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
     import tensorflow as tf
 
     from tf_bus.config import ClassifierConfig
-    from tf_bus.data.busi import TfBusError
     from tf_bus.data.pipeline import classification_dataset
     from tf_bus.io import write_json_atomic
     from tf_bus.training.classification import loader_config
     from tf_bus.training.common import read_run_record
 
+    from tf_bus.export import is_cross_validation, read_cross_validation
+
     run_dir = Path(run_dir)
-    _, record = read_run_record(run_dir, expected="classifier")
-    cfg = ClassifierConfig.from_dict(record["config"])
     if checkpoint not in ("best", "last"):
         raise TfBusError(f"`checkpoint` must be best or last. Received: checkpoint={checkpoint!r}")
-    path = run_dir / "best.keras" if checkpoint == "best" and (run_dir / "best.keras").exists() else run_dir / "last.keras"
-    if not path.exists():
-        raise TfBusError(f"{run_dir}: no {'best.keras or ' if checkpoint == 'best' else ''}last.keras; "
-                         "train first (tf-bus train-classifier), or let the run finish.")
-    model = keras.saving.load_model(path)
+    if is_cross_validation(run_dir):
+        if checkpoint != "best":
+            raise TfBusError(f"{run_dir}: a cross-validation's average is of its folds' best.keras; leave out "
+                             "--checkpoint last, or evaluate one fold's folder.")
+        kind, record, model, _ = read_cross_validation(run_dir)
+        if kind != "classifier":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --folds` cross-validation, not a "
+                             "train-classifier one; evaluate it with `tf-bus evaluate-segmenter`.")
+        refuse_own_data(run_dir, record, data)
+        path = run_dir
+    else:
+        _, record = read_run_record(run_dir, expected="classifier")
+        path = run_dir / "best.keras" if checkpoint == "best" and (run_dir / "best.keras").exists() \
+            else run_dir / "last.keras"
+        if not path.exists():
+            raise TfBusError(f"{run_dir}: no {'best.keras or ' if checkpoint == 'best' else ''}last.keras; "
+                             "train first (tf-bus train-classifier), or let the run finish.")
+        model = keras.saving.load_model(path)
+    cfg = ClassifierConfig.from_dict(record["config"])
     ds = classification_dataset(data, split, loader_config(cfg, shuffle=False, augment=False, cache=False),
                                 training=False, include_augmented=False, include_names=True, splits_file=splits_file)
     ys, probs, names = [], [], []

@@ -143,7 +143,7 @@ def read_cross_validation(cv_dir: str | os.PathLike) -> tuple[str, dict[str, Any
     return kind, record, fold_ensemble(models), summary
 
 
-def _fold_mask_settings(summary: dict[str, Any], threshold: float | None,
+def fold_mask_settings(summary: dict[str, Any], threshold: float | None,
                         postprocess: str | None) -> tuple[float, str]:
     """A fold ensemble's threshold and post-processing, where not given: the median of the
     folds' thresholds (each chosen on its fold's validation cases) and ``largest`` only if
@@ -163,8 +163,12 @@ def read_for_serving(run_dir: str | os.PathLike, threshold: float | None = None,
     folder or a ``--folds K`` folder (``folds`` is None for a single run)."""
     if is_cross_validation(run_dir):
         kind, record, model, summary = read_cross_validation(run_dir)
-        if kind == "segmenter":
-            threshold, postprocess = _fold_mask_settings(summary, threshold, postprocess)
+        if kind == "segmenter":  # evaluate-segmenter CV_DIR --choose-threshold's choice, else the folds'
+            saved = Path(run_dir) / "threshold.json"
+            choice = json.loads(saved.read_text()) if saved.exists() else {}
+            threshold = float(choice["threshold"]) if threshold is None and "threshold" in choice else threshold
+            postprocess = postprocess or choice.get("postprocess")
+            threshold, postprocess = fold_mask_settings(summary, threshold, postprocess)
         return kind, model, threshold, postprocess, record["folds"]
     kind, record, model = read_run(run_dir)
     threshold, postprocess = _mask_settings(run_dir, kind, record, threshold, postprocess)

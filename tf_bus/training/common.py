@@ -134,8 +134,8 @@ def read_run_record(run_dir: str | Path, expected: str | None = None) -> tuple[s
         k = record["folds"]
         raise TfBusError(
             f"{run_dir}: is a {k}-fold cross-validation of the {kind}; its models are in {run_dir}/fold_0 to "
-            f"fold_{int(k) - 1}. Pass one fold's folder here, or the whole folder to `tf-bus compare`, "
-            "`tf-bus fuse`, or `tf-bus export` and `predict --run` (the folds averaged).")
+            f"fold_{int(k) - 1}. Pass one fold's folder here. The whole folder goes to `tf-bus compare`, "
+            "`fuse`, and, as its folds averaged, `export`, `predict --run` and the evaluate commands.")
     if kind not in RUN_KINDS:
         raise TfBusError(f"{file}: kind {kind!r} is not a training run's; is {run_dir} a {what} run folder?")
     if expected is not None and kind != expected:
