@@ -260,7 +260,7 @@ def test_a_fold_ensemble_needs_one_input_shape():
     np.testing.assert_allclose(single(x).numpy(), single.get_layer("fold_0")(x).numpy(), atol=1e-6)
 
 
-def test_evaluate_segmenter_scores_the_folds_average_on_other_data(two_cvs, synthetic_release, tmp_path):
+def test_evaluate_segmenter_scores_the_folds_average_on_other_data(two_cvs, synthetic_release, prepared, tmp_path):
     """`evaluate-segmenter CV_DIR` scores what `export CV_DIR` serves, on data the CV did not
     use, and refuses the data it cross-validated; a threshold chosen then is what export uses."""
     import json
@@ -298,6 +298,8 @@ def test_evaluate_segmenter_scores_the_folds_average_on_other_data(two_cvs, synt
 
     with pytest.raises(TfBusError, match="is a cross-validation of .*, so every case there trained some of its folds"):
         evaluate_segmenter(cv, synthetic_release, "test")
+    with pytest.raises(TfBusError, match="is a cross-validation of .*, so every case there trained some of its folds"):
+        evaluate_segmenter(cv, prepared, "test")  # a `tf-bus prepare` output of that same release
 
     (cv / "threshold.json").write_text(json.dumps({"threshold": 0.3, "postprocess": "largest"}))
     kind, _, got_threshold, got_postprocess, folds_count = read_for_serving(cv)

@@ -101,3 +101,19 @@ def test_every_class_in_every_split(prepared):
     for s in SPLITS:
         for c in CLASS_NAMES:
             assert counts[s][c] >= 1, (s, c)
+
+
+@pytest.mark.parametrize("folder, manifest, want", [
+    ("prepared", None, "release"),                      # a prepare output names its release
+    ("release", None, None),                            # the raw release has no manifest
+    ("other", "{not json", None),                       # unreadable manifest
+    ("other", '["a list"]', None),                      # a manifest that is not prepare's
+    ("other", '{"counts_before_balancing": {}}', None),  # prepare-like, no source
+])
+def test_prepared_source(folder, manifest, want, prepared, synthetic_release, tmp_path):
+    from tf_bus.data.layouts import prepared_source
+
+    path = {"prepared": prepared, "release": synthetic_release, "other": tmp_path}[folder]
+    if manifest is not None:
+        (tmp_path / "manifest.json").write_text(manifest)
+    assert prepared_source(path) == (synthetic_release.resolve() if want == "release" else None)

@@ -169,22 +169,16 @@ def load_segmenter(run_dir):
     return cfg, record, load_best_model(run_dir), None
 
 
-def _release_root(path) -> Path:
-    """The raw release behind ``path`` (a `tf-bus prepare` output names its source)."""
-    import json
-
-    p = Path(str(path)).expanduser().resolve()
-    try:
-        source = json.loads((p / "manifest.json").read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        source = None
-    return Path(source).expanduser().resolve() if source else p
-
-
 def refuse_own_data(run_dir, record: dict[str, Any], data) -> None:
     """A ``--folds K`` folder's average cannot be scored on the data it cross-validated:
     every case there trained some of its folds."""
-    if _release_root(data) == _release_root(record.get("data", "")):
+    from tf_bus.data.layouts import prepared_source
+
+    def release(path) -> Path:
+        p = Path(str(path)).expanduser().resolve()
+        return prepared_source(p) or p
+
+    if release(data) == release(record.get("data", "")):
         raise TfBusError(f"{run_dir}: is a cross-validation of {data}, so every case there trained some of its "
                          f"folds and their average has no held-out case to be scored on. Evaluate it on other "
                          f"data; its folds' own held-out scores are in {Path(run_dir) / 'cross_validation.json'}.")
@@ -297,14 +291,12 @@ def evaluate_segmenter(
         ``overlays.png`` (image, truth, prediction for lesion images across the Dice range
         and a few normal images).
     """
-    import json
-
-    from tf_bus.export import fold_mask_settings
+    from tf_bus.export import mask_settings
     from tf_bus.io import write_json_atomic
 
     run_dir = Path(run_dir)
     loaded = load_segmenter(run_dir)
-    cfg, record, _, summary = loaded
+    _, record, _, summary = loaded
     if summary is not None:
         refuse_own_data(run_dir, record, data)
     saved = run_dir / "threshold.json"
@@ -320,14 +312,7 @@ def evaluate_segmenter(
             chosen_scores = {postprocess: by_threshold}
         write_json_atomic(saved, {"threshold": threshold, "postprocess": postprocess, "tta": tta,
                                   "validation_mean_dice": chosen_scores})
-    elif saved.exists() and (threshold is None or postprocess is None):
-        choice = json.loads(saved.read_text())
-        threshold = float(choice["threshold"]) if threshold is None else threshold
-        postprocess = postprocess or choice.get("postprocess", "none")
-    if summary is not None:
-        threshold, postprocess = fold_mask_settings(summary, threshold, postprocess)
-    threshold = cfg.threshold if threshold is None else threshold
-    postprocess = postprocess or "none"
+    threshold, postprocess = mask_settings(run_dir, record, summary, threshold, postprocess)
     preds = predict_split(run_dir, data, split, tta=tta, splits_file=splits_file, loaded=loaded)
     per_image = []
     masks = [postprocess_mask(prob >= threshold, postprocess) for _, _, prob, _ in preds]

@@ -161,18 +161,32 @@ def read_for_serving(run_dir: str | os.PathLike, threshold: float | None = None,
                      postprocess: str | None = None) -> tuple[str, keras.Model, float | None, str | None, int | None]:
     """(kind, model, threshold, post-processing, folds) that `tf-bus export` serves for a run
     folder or a ``--folds K`` folder (``folds`` is None for a single run)."""
+    summary = folds = None
     if is_cross_validation(run_dir):
         kind, record, model, summary = read_cross_validation(run_dir)
-        if kind == "segmenter":  # evaluate-segmenter CV_DIR --choose-threshold's choice, else the folds'
-            saved = Path(run_dir) / "threshold.json"
-            choice = json.loads(saved.read_text()) if saved.exists() else {}
-            threshold = float(choice["threshold"]) if threshold is None and "threshold" in choice else threshold
-            postprocess = postprocess or choice.get("postprocess")
-            threshold, postprocess = fold_mask_settings(summary, threshold, postprocess)
-        return kind, model, threshold, postprocess, record["folds"]
-    kind, record, model = read_run(run_dir)
-    threshold, postprocess = _mask_settings(run_dir, kind, record, threshold, postprocess)
-    return kind, model, threshold, postprocess, None
+        folds = record["folds"]
+    else:
+        kind, record, model = read_run(run_dir)
+    if kind == "segmenter":
+        threshold, postprocess = mask_settings(run_dir, record, summary, threshold, postprocess)
+    return kind, model, threshold, postprocess, folds
+
+
+def mask_settings(run_dir, record: dict[str, Any], summary: dict[str, Any] | None,
+                  threshold: float | None = None, postprocess: str | None = None) -> tuple[float, str]:
+    """A segmenter's mask threshold and post-processing, each where not given: the choice
+    saved in RUN_DIR/threshold.json (``evaluate-segmenter --choose-threshold``); else, for a
+    ``--folds K`` folder (``summary``: its cross_validation.json), ``fold_mask_settings``;
+    else the run's configured threshold and ``none``."""
+    saved = Path(run_dir) / "threshold.json"
+    if saved.exists() and (threshold is None or postprocess is None):
+        choice = json.loads(saved.read_text())
+        threshold = float(choice["threshold"]) if threshold is None and "threshold" in choice else threshold
+        postprocess = postprocess or choice.get("postprocess")
+    if summary is not None:
+        return fold_mask_settings(summary, threshold, postprocess)
+    threshold = float(record["config"].get("threshold", 0.5)) if threshold is None else threshold
+    return threshold, postprocess or "none"
 
 
 def next_version(model_dir: Path) -> int:
@@ -284,19 +298,6 @@ def export_run(
     kind, model, threshold, postprocess, folds = read_for_serving(run_dir, threshold, postprocess)
     return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
                         source_run=str(Path(run_dir).resolve()), folds=folds)
-
-
-def _mask_settings(run_dir, kind: str, record: dict[str, Any], threshold: float | None,
-                   postprocess: str | None) -> tuple[float | None, str | None]:
-    """A segmenter's threshold and post-processing, where not given: RUN_DIR/threshold.json's
-    (from ``evaluate-segmenter --choose-threshold``), else the run's threshold and ``none``."""
-    saved = Path(run_dir) / "threshold.json"
-    choice = json.loads(saved.read_text()) if kind == "segmenter" and saved.exists() else {}
-    if kind == "segmenter" and threshold is None:
-        threshold = float(choice.get("threshold", record["config"].get("threshold", 0.5)))
-    if kind == "segmenter" and postprocess is None:
-        postprocess = choice.get("postprocess", "none")
-    return threshold, postprocess
 
 
 def local_predictor(run_dir: str | os.PathLike) -> tuple[str, Callable[[list[bytes]], dict[str, np.ndarray]]]:

@@ -134,6 +134,18 @@ def write_layouts(infos: list[CaseInfo], plan: SplitPlan, out: Path) -> None:
         Image.fromarray(mask, mode="L").save(out / "segmentation" / mask_dir / f"{stem}_mask.png")
 
 
+def prepared_source(folder) -> Path | None:
+    """The raw release a `tf-bus prepare` output was written from (its manifest.json's
+    ``source``); None for any other folder."""
+    import json
+
+    try:
+        source = json.loads((Path(folder) / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source).expanduser().resolve() if source else None
+
+
 def prepare(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,

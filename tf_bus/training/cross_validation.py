@@ -45,13 +45,13 @@ FOLD_SCORES = {
 def _release_and_plan(data, splits_file):
     """The raw release and the split whose duplicate groups the folds keep together."""
     from tf_bus.data.busi import read_release
+    from tf_bus.data.layouts import prepared_source
     from tf_bus.data.pipeline import detect_layout
     from tf_bus.data.split import load_splits, make_split
 
     data = Path(data).expanduser().resolve()
-    manifest = data / "manifest.json"
-    if manifest.exists() and (data / "splits.json").exists():  # a `tf-bus prepare` output
-        source = Path(json.loads(manifest.read_text()).get("source", ""))
+    source = prepared_source(data)
+    if source is not None and (data / "splits.json").exists():  # a `tf-bus prepare` output
         if not source.is_dir():
             raise TfBusError(f"{data}: cross-validation re-splits the raw release, and this prepared folder's "
                              f"source {source} is gone. Pass the Dataset_BUSI_with_GT folder as --data.")
