@@ -156,9 +156,14 @@ def load_segmenter(run_dir):
     folder, or of a ``--folds K`` folder (model: its folds averaged,
     ``tf_bus.export.fold_ensemble``)."""
     from tf_bus.config import SegmenterConfig
-    from tf_bus.export import is_cross_validation, read_cross_validation
+    from tf_bus.export import is_cross_validation, is_ensemble, read_cross_validation, read_ensemble
     from tf_bus.training.segmentation import load_best_model, load_run_config
 
+    if is_ensemble(run_dir):
+        kind, record, model = read_ensemble(run_dir)
+        if kind != "segmenter":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --ensemble` run, not a train-segmenter one.")
+        return SegmenterConfig.from_dict(record["config"]), record, model, None
     if is_cross_validation(run_dir):
         kind, record, model, summary = read_cross_validation(run_dir)
         if kind != "segmenter":
@@ -495,12 +500,21 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
     from tf_bus.training.classification import loader_config
     from tf_bus.training.common import read_run_record
 
-    from tf_bus.export import is_cross_validation, read_cross_validation
+    from tf_bus.export import is_cross_validation, is_ensemble, read_cross_validation, read_ensemble
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
         raise TfBusError(f"`checkpoint` must be best or last. Received: checkpoint={checkpoint!r}")
-    if is_cross_validation(run_dir):
+    if is_ensemble(run_dir):
+        if checkpoint != "best":
+            raise TfBusError(f"{run_dir}: an ensemble's average is of its members' best.keras; leave out "
+                             "--checkpoint last, or evaluate one member's folder.")
+        kind, record, model = read_ensemble(run_dir)
+        if kind != "classifier":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --ensemble` run, not a train-classifier "
+                             "one; evaluate it with `tf-bus evaluate-segmenter`.")
+        path = run_dir
+    elif is_cross_validation(run_dir):
         if checkpoint != "best":
             raise TfBusError(f"{run_dir}: a cross-validation's average is of its folds' best.keras; leave out "
                              "--checkpoint last, or evaluate one fold's folder.")

@@ -81,13 +81,18 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Mod
     raise TfBusError(f"{run_dir}: no best.keras or last.keras; train first.")
 
 
-def is_cross_validation(run_dir: str | os.PathLike) -> bool:
-    """Whether RUN_DIR is a ``train-segmenter|train-classifier --folds K`` folder."""
+def _averaging_record(run_dir) -> dict[str, Any]:
+    """RUN_DIR's config.json, if readable and a JSON object, else ``{}``."""
     try:
         record = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and "folds" in record
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def is_cross_validation(run_dir: str | os.PathLike) -> bool:
+    """Whether RUN_DIR is a ``train-segmenter|train-classifier --folds K`` folder."""
+    return "folds" in _averaging_record(run_dir)
 
 
 def fold_ensemble(models: list[keras.Model], name: str = "fold_ensemble") -> keras.Model:
@@ -143,6 +148,37 @@ def read_cross_validation(cv_dir: str | os.PathLike) -> tuple[str, dict[str, Any
     return kind, record, fold_ensemble(models), summary
 
 
+def is_ensemble(run_dir: str | os.PathLike) -> bool:
+    """Whether RUN_DIR is a ``train-segmenter|train-classifier --ensemble K`` folder."""
+    return "ensemble" in _averaging_record(run_dir)
+
+
+def read_ensemble(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model]:
+    """(kind, config.json record, ``fold_ensemble`` of every member's best model) of a
+    finished ``--ensemble K`` folder.
+
+    Raises:
+        TfBusError: the ensemble has not finished, or a member's model is missing.
+    """
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "config.json").read_text())
+    kind, members = record.get("kind"), record.get("ensemble")
+    if kind not in ("segmenter", "classifier") or not isinstance(members, int) or members < 1:
+        raise TfBusError(f"{run_dir / 'config.json'}: kind {kind!r} and ensemble {members!r} are not an ensemble's; "
+                         "is this a `tf-bus train-segmenter|train-classifier --ensemble K` folder?")
+    again = f"run the same `tf-bus train-{kind} --ensemble {members}` command again to finish it"
+    import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
+    from tf_bus.training.common import run_finished
+
+    models = []
+    for k in range(members):
+        path = run_dir / f"member_{k}" / "best.keras"
+        if not path.is_file() or not run_finished(path.parent):
+            raise TfBusError(f"{path.parent}: unfinished or missing, so the ensemble would lack member {k}; {again}.")
+        models.append(keras.saving.load_model(path, compile=False))
+    return kind, record, fold_ensemble(models, name="seed_ensemble")
+
+
 def fold_mask_settings(summary: dict[str, Any], threshold: float | None,
                         postprocess: str | None) -> tuple[float, str]:
     """A fold ensemble's threshold and post-processing, where not given: the median of the
@@ -165,6 +201,8 @@ def read_for_serving(run_dir: str | os.PathLike, threshold: float | None = None,
     if is_cross_validation(run_dir):
         kind, record, model, summary = read_cross_validation(run_dir)
         folds = record["folds"]
+    elif is_ensemble(run_dir):  # the members' threshold chosen on validation at the end of training
+        kind, record, model = read_ensemble(run_dir)
     else:
         kind, record, model = read_run(run_dir)
     if kind == "segmenter":
@@ -296,8 +334,9 @@ def export_run(
 
         return export_fused(run_dir, model_base_path, name, version)
     kind, model, threshold, postprocess, folds = read_for_serving(run_dir, threshold, postprocess)
+    members = _averaging_record(run_dir).get("ensemble")
     return export_model(model, kind, model_base_path, name, version, threshold=threshold, postprocess=postprocess,
-                        source_run=str(Path(run_dir).resolve()), folds=folds)
+                        source_run=str(Path(run_dir).resolve()), folds=folds, ensemble=members)
 
 
 def local_predictor(run_dir: str | os.PathLike) -> tuple[str, Callable[[list[bytes]], dict[str, np.ndarray]]]:
@@ -330,10 +369,11 @@ def export_model(
     postprocess: str | None = None,
     source_run: str | None = None,
     folds: int | None = None,
+    ensemble: int | None = None,
 ) -> dict[str, Any]:
     """Exports an in-memory ``segmenter`` or ``classifier`` model (see ``export_run``);
-    ``folds``: how many fold models it averages (a cross-validation's), recorded in
-    tf_bus.json."""
+    ``folds`` / ``ensemble``: how many fold models (a cross-validation's) or seed members
+    (an ``--ensemble K`` run's) it averages, recorded in tf_bus.json."""
     from tf_bus.evaluation import POSTPROCESSING
 
     check_model_name(name)
@@ -359,7 +399,7 @@ def export_model(
             "class_names": list(CLASS_NAMES) if kind == "classifier" else None,
             "threshold": threshold if kind == "segmenter" else None,
             "postprocess": postprocess if kind == "segmenter" else None,
-            "source_run": source_run, "folds": folds, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
+            "source_run": source_run, "folds": folds, "ensemble": ensemble, "signatures": [SERVING_DEFAULT, PREDICT_TENSOR]}
     return write_version(archive, model_dir, version, meta)
 
 

@@ -112,6 +112,13 @@ def software_record(model: keras.Model) -> dict[str, Any]:
 RUN_KINDS = ("segmenter", "classifier")
 
 
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a training run in RUN_DIR ran to its end: ``history.json`` written and no
+    ``backup/`` (BackupAndRestore's, removed when the fit ends) left to resume from."""
+    run_dir = Path(run_dir)
+    return (run_dir / "history.json").exists() and not (run_dir / "backup").exists()
+
+
 def read_run_record(run_dir: str | Path, expected: str | None = None) -> tuple[str, dict[str, Any]]:
     """(kind, ``config.json`` record) of one ``tf-bus train-segmenter`` or ``train-classifier``
     run folder. Refuses in one line, naming the folder and the fix: a folder without a
@@ -136,6 +143,12 @@ def read_run_record(run_dir: str | Path, expected: str | None = None) -> tuple[s
             f"{run_dir}: is a {k}-fold cross-validation of the {kind}; its models are in {run_dir}/fold_0 to "
             f"fold_{int(k) - 1}. Pass one fold's folder here. The whole folder goes to `tf-bus compare`, "
             "`fuse`, and, as its folds averaged, `export`, `predict --run` and the evaluate commands.")
+    if "ensemble" in record:
+        k = record["ensemble"]
+        raise TfBusError(
+            f"{run_dir}: is a {k}-member ensemble of the {kind}; its models are in {run_dir}/member_0 to "
+            f"member_{int(k) - 1}. Pass one member's folder here. The whole folder goes, as its members averaged, "
+            "to `export`, `predict --run` and the evaluate commands.")
     if kind not in RUN_KINDS:
         raise TfBusError(f"{file}: kind {kind!r} is not a training run's; is {run_dir} a {what} run folder?")
     if expected is not None and kind != expected:

@@ -34,6 +34,7 @@ import numpy as np
 from tf_bus.config import ClassifierConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
+from tf_bus.training.common import run_finished
 
 #: The fold scores reported for each trainer, from its eval_test/metrics.json.
 FOLD_SCORES = {
@@ -61,10 +62,6 @@ def _release_and_plan(data, splits_file):
         raise TfBusError(f"{data}: cross-validation re-splits the cases, so --data must be a raw BUSI release "
                          "(Dataset_BUSI_with_GT) or a `tf-bus prepare` output, not a split layout.")
     return root, load_splits(splits_file) if splits_file else make_split(read_release(root).infos)
-
-
-def _fold_trained(fold_dir: Path) -> bool:
-    return (fold_dir / "history.json").exists() and not (fold_dir / "backup").exists()
 
 
 def cross_validate(
@@ -140,7 +137,7 @@ def cross_validate(
         if not splits.exists():
             save_splits(fold_plan, splits)
         metrics = fold_dir / "eval_test" / "metrics.json"
-        if not _fold_trained(fold_dir):
+        if not run_finished(fold_dir):
             print(f"cross-validation: fold {k + 1} of {folds} -> {fold_dir}", flush=True)
             restart = (fold_dir / "config.json").exists() and not (fold_dir / "backup").exists()
             train(release, fold_dir, config, splits_file=splits, overwrite=restart, verbose=verbose)
