@@ -428,7 +428,8 @@ def _training_kwargs(args) -> dict:
 
 
 def _train_or_cross_validate(kind: str, train, args, config) -> int:
-    """One run of ``train`` into --out, or with --folds a cross-validation; prints the summary."""
+    """One run of ``train`` into --out, with --ensemble K seeds of it, or with --folds a
+    cross-validation; prints the summary."""
     verbose = 2 if args.quiet else 1
     if args.ensemble != 1:
         if args.ensemble < 2:
@@ -545,8 +546,9 @@ def _add_evaluate_segmenter(sub) -> None:
                                    "(lesion and normal images apart) to RUN_DIR/eval_SPLIT/metrics.json and an "
                                    "overlay grid to overlays.png.")
     p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a train-segmenter run folder, or a --folds K folder: its folds averaged, as `tf-bus "
-                        "export` serves them, on data other than what it cross-validated")
+                   help="a train-segmenter run folder; a --folds K folder: its folds averaged, as `tf-bus "
+                        "export` serves them, on data other than what it cross-validated; or an --ensemble K "
+                        "folder: its members averaged")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="prepare output, segmentation layout, raw release, or an s3:// publish")
     _add_s3_data_flags(p)
@@ -668,8 +670,9 @@ def _add_evaluate_classifier(sub) -> None:
                        description="Evaluate RUN_DIR's classifier (best.keras, or --checkpoint last) on a split (original images only): "
                                    "metrics.json, confusion_matrix.png and roc.png in RUN_DIR/eval_SPLIT.")
     p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a train-classifier run folder, or a --folds K folder: its folds averaged, as `tf-bus "
-                        "export` serves them, on data other than what it cross-validated")
+                   help="a train-classifier run folder; a --folds K folder: its folds averaged, as `tf-bus "
+                        "export` serves them, on data other than what it cross-validated; or an --ensemble K "
+                        "folder: its members averaged")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="prepare output, classification layout, raw release, or an s3:// publish")
     _add_s3_data_flags(p)
@@ -812,12 +815,15 @@ def _add_export(sub) -> None:
                                    "MODELS/NAME/VERSION/, the layout tensorflow_model_server watches, with the "
                                    "signatures serving_default (encoded image bytes in) and predict_tensor (float "
                                    "images in). RUN_DIR may also be a --folds K cross-validation folder: its K fold "
-                                   "models averaged (as nnU-Net predicts), at the median of the folds' thresholds; or a "
+                                   "models averaged (as nnU-Net predicts), at the median of the folds' thresholds; an "
+                                   "--ensemble K folder: its K seeds averaged, at the threshold chosen for them on "
+                                   "validation; or a "
                                    "`tf-bus fuse` result: one SavedModel with every "
                                    "fold's U-Net and ResNet, the lesion descriptors and the trees (serving_default "
                                    "only). Written to a temporary folder and renamed; versions are never overwritten.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train-segmenter or train-classifier run folder, a --folds K "
-                                                      "folder (the folds averaged), or a tf-bus fuse --out folder")
+                                                      "or --ensemble K folder (its models averaged), or a tf-bus "
+                                                      "fuse --out folder")
     p.add_argument("--model-base-path", required=True, metavar="MODELS",
                    help="the folder of models (TF Serving's --model_base_path is MODELS/NAME)")
     p.add_argument("--name", required=True, help="model name: letters, digits, '_', '-', '.'")
@@ -954,7 +960,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--model", default=None, help="the model name on the server (or --run)")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
                    help="no server: run a train-segmenter or train-classifier RUN_DIR's best model (a --folds K "
-                        "folder: its folds averaged) in this process, "
+                        "or --ensemble K folder: its models averaged) in this process, "
                         "through the signature `tf-bus export` would serve (its threshold and post-processing), "
                         "and print the same lines (instead of --model)")
     p.add_argument("--version", type=_positive_int, default=None, help="a model version (default: the latest)")

@@ -153,8 +153,9 @@ def _truth_paths(data, split: str, splits_file=None) -> dict[str, tuple[str, str
 
 def load_segmenter(run_dir):
     """``(config, record, model, cross_validation summary or None)`` of a train-segmenter run
-    folder, or of a ``--folds K`` folder (model: its folds averaged,
-    ``tf_bus.export.fold_ensemble``)."""
+    folder, of a ``--folds K`` folder (model: its folds averaged,
+    ``tf_bus.export.fold_ensemble``), or of an ``--ensemble K`` folder (its members averaged;
+    no summary)."""
     from tf_bus.config import SegmenterConfig
     from tf_bus.export import is_cross_validation, is_ensemble, read_cross_validation, read_ensemble
     from tf_bus.training.segmentation import load_best_model, load_run_config

@@ -1,8 +1,8 @@
 """Export for TensorFlow Serving (stage 8): `tf-bus export`.
 
 A trained run (segmenter or classifier), a ``--folds K`` cross-validation of either (its K
-fold models averaged, as nnU-Net predicts with its folds: ``fold_ensemble``), or a `tf-bus
-fuse` result (the fused classifier: ``tf_bus.fusion.export_fused``), becomes a SavedModel at
+fold models averaged, as nnU-Net predicts with its folds: ``fold_ensemble``), an
+``--ensemble K`` run (its K seeds averaged the same way), or a `tf-bus fuse` result (the fused classifier: ``tf_bus.fusion.export_fused``), becomes a SavedModel at
 ``MODELS/NAME/<version>/``, the layout ``tensorflow_model_server --model_base_path``
 watches. The version is the next free integer unless given; it is written to a temporary
 folder beside it and renamed, so a server polling MODELS never sees half a model, and an
