@@ -112,6 +112,27 @@ def software_record(model: keras.Model) -> dict[str, Any]:
 RUN_KINDS = ("segmenter", "classifier")
 
 
+def claim_folder(folder: Path, record: dict[str, Any], *, overwrite: bool, what: str, stale: tuple[str, ...]) -> None:
+    """Writes ``record`` to FOLDER/config.json for work of several runs that resumes (``--folds``,
+    ``--ensemble``): the same record resumes; another is refused naming the settings that
+    differ, unless ``overwrite``, which first removes what the ``stale`` globs match."""
+    import shutil
+
+    from tf_bus.io import write_json_atomic
+
+    saved = folder / "config.json"
+    if saved.exists() and (overwrite or json.loads(saved.read_text()) != record):
+        if not overwrite:
+            changes = settings_changes(json.loads(saved.read_text()), record)
+            raise TfBusError(f"{folder}: holds {what} with other settings ({changes}); pass the same flags and data "
+                             "to resume it, --overwrite to replace it, or another --out.")
+        for pattern in stale:
+            for old in folder.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, record)
+
+
 def run_finished(run_dir: str | Path) -> bool:
     """Whether a training run in RUN_DIR ran to its end: ``history.json`` written and no
     ``backup/`` (BackupAndRestore's, removed when the fit ends) left to resume from."""

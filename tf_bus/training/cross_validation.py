@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy as np
 from tf_bus.config import ClassifierConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
-from tf_bus.training.common import run_finished
+from tf_bus.training.common import claim_folder, run_finished
 
 #: The fold scores reported for each trainer, from its eval_test/metrics.json.
 FOLD_SCORES = {
@@ -111,19 +110,8 @@ def cross_validate(
     cv_dir = Path(cv_dir).expanduser().resolve()
     record = {"kind": kind, "config": json.loads(json.dumps(config.to_dict())), "data": str(release),
               "folds": folds, "validation": validation, "tta": tta}
-    saved = cv_dir / "config.json"
-    if saved.exists() and (overwrite or json.loads(saved.read_text()) != record):
-        if not overwrite:
-            from tf_bus.training.common import settings_changes
-
-            changes = settings_changes(json.loads(saved.read_text()), record)
-            raise TfBusError(f"{cv_dir}: holds a cross-validation with other settings ({changes}); pass the same "
-                             "flags and data to resume it, --overwrite to replace it, or another --out.")
-        for old in cv_dir.glob("fold_*"):
-            shutil.rmtree(old)
-        (cv_dir / "cross_validation.json").unlink(missing_ok=True)
-    cv_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, record)
+    claim_folder(cv_dir, record, overwrite=overwrite, what="a cross-validation",
+                 stale=("fold_*", "cross_validation.json"))
 
     if kind == "segmenter":
         from tf_bus.training.segmentation import train_segmenter as train

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tf_bus.config import ClassifierConfig, SegmenterConfig
 from tf_bus.data.busi import TfBusError
 from tf_bus.io import write_json_atomic
-from tf_bus.training.common import run_finished
+from tf_bus.training.common import claim_folder, run_finished
 
 SUMMARY = "ensemble.json"
 
@@ -79,20 +78,8 @@ def train_ensemble(
               "data": str(Path(data).expanduser().resolve()),
               "splits": str(Path(splits_file).expanduser().resolve()) if splits_file else None,
               "ensemble": members, "seeds": [config.seed + k for k in range(members)], "tta": tta}
-    saved = run_dir / "config.json"
-    if saved.exists() and (overwrite or json.loads(saved.read_text()) != record):
-        if not overwrite:
-            from tf_bus.training.common import settings_changes
-
-            changes = settings_changes(json.loads(saved.read_text()), record)
-            raise TfBusError(f"{run_dir}: holds a run with other settings ({changes}); pass the same flags and data "
-                             "to resume it, --overwrite to replace it, or another --out.")
-        for old in [*run_dir.glob("member_*"), *run_dir.glob("eval_*")]:
-            shutil.rmtree(old)
-        for name in (SUMMARY, "threshold.json"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, record)
+    claim_folder(run_dir, record, overwrite=overwrite, what="a run",
+                 stale=("member_*", "eval_*", SUMMARY, "threshold.json"))
 
     if kind == "segmenter":
         from tf_bus.training.segmentation import train_segmenter as train
