@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import shutil
 
@@ -155,18 +156,26 @@ TF_CASES = [(mask, 0.5) for mask, _, _ in SHAPES] + [
 ]
 
 
-@pytest.mark.parametrize("image,prob,threshold",
-                         [(None, prob, t) for prob, t in TF_CASES] + [(m[1], m[2], 0.7) for m in MARGINS])
-def test_tensorflow_descriptors_equal_numpys(image, prob, threshold):
-    """What an exported fusion measures while serving is what `fuse` measured."""
+@functools.cache
+def _descriptors_graph():
+    """``lesion_descriptors_tf`` as one graph for every image size, as the exported fusion
+    runs it on decoded images of any size (traced once per test process, not once per case)."""
     import tensorflow as tf
 
     from tf_bus.descriptors import lesion_descriptors_tf
 
+    image = tf.TensorSpec([None, None], tf.float64)
+    return tf.function(lesion_descriptors_tf, input_signature=[image, image, tf.TensorSpec([], tf.float64)])
+
+
+@pytest.mark.parametrize("image,prob,threshold",
+                         [(None, prob, t) for prob, t in TF_CASES] + [(m[1], m[2], 0.7) for m in MARGINS])
+def test_tensorflow_descriptors_equal_numpys(image, prob, threshold):
+    """What an exported fusion measures while serving is what `fuse` measured."""
     if image is None:
         image = np.random.default_rng(prob.size).random(prob.shape)
     expected = lesion_descriptors(image, prob, threshold)
-    got = tf.function(lesion_descriptors_tf)(tf.constant(image), tf.constant(prob), tf.constant(threshold, tf.float64))
+    got = _descriptors_graph()(np.asarray(image, np.float64), np.asarray(prob, np.float64), np.float64(threshold))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
