@@ -157,20 +157,15 @@ def load_segmenter(run_dir):
     ``tf_bus.export.fold_ensemble``), or of an ``--ensemble K`` folder (its members averaged;
     no summary)."""
     from tf_bus.config import SegmenterConfig
-    from tf_bus.export import is_cross_validation, is_ensemble, read_cross_validation, read_ensemble
+    from tf_bus.export import read_averaged
     from tf_bus.training.segmentation import load_best_model, load_run_config
 
-    if is_ensemble(run_dir):
-        kind, record, model = read_ensemble(run_dir)
-        if kind != "segmenter":
-            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --ensemble` run, not a train-segmenter one.")
-        return SegmenterConfig.from_dict(record["config"]), record, model, None
-    if is_cross_validation(run_dir):
-        kind, record, model, summary = read_cross_validation(run_dir)
-        if kind != "segmenter":
-            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --folds` cross-validation, not a "
-                             f"train-segmenter one.")
-        return SegmenterConfig.from_dict(record["config"]), record, model, summary
+    averaged = read_averaged(run_dir)
+    if averaged:
+        if averaged.kind != "segmenter":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{averaged.kind} {averaged.flag}` {averaged.what}, "
+                             "not a train-segmenter one.")
+        return SegmenterConfig.from_dict(averaged.record["config"]), averaged.record, averaged.model, averaged.summary
     cfg, record = load_run_config(run_dir)
     return cfg, record, load_best_model(run_dir), None
 
@@ -501,29 +496,22 @@ def evaluate_classifier(run_dir, data, split: str = "test", *, splits_file=None,
     from tf_bus.training.classification import loader_config
     from tf_bus.training.common import read_run_record
 
-    from tf_bus.export import is_cross_validation, is_ensemble, read_cross_validation, read_ensemble
+    from tf_bus.export import read_averaged
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
         raise TfBusError(f"`checkpoint` must be best or last. Received: checkpoint={checkpoint!r}")
-    if is_ensemble(run_dir):
+    averaged = read_averaged(run_dir)
+    if averaged:
         if checkpoint != "best":
-            raise TfBusError(f"{run_dir}: an ensemble's average is of its members' best.keras; leave out "
-                             "--checkpoint last, or evaluate one member's folder.")
-        kind, record, model = read_ensemble(run_dir)
-        if kind != "classifier":
-            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --ensemble` run, not a train-classifier "
-                             "one; evaluate it with `tf-bus evaluate-segmenter`.")
-        path = run_dir
-    elif is_cross_validation(run_dir):
-        if checkpoint != "best":
-            raise TfBusError(f"{run_dir}: a cross-validation's average is of its folds' best.keras; leave out "
-                             "--checkpoint last, or evaluate one fold's folder.")
-        kind, record, model, _ = read_cross_validation(run_dir)
-        if kind != "classifier":
-            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{kind} --folds` cross-validation, not a "
-                             "train-classifier one; evaluate it with `tf-bus evaluate-segmenter`.")
-        refuse_own_data(run_dir, record, data)
+            raise TfBusError(f"{run_dir}: the {averaged.what}'s average is of its {averaged.part}s' best.keras; leave "
+                             f"out --checkpoint last, or evaluate one {averaged.part}'s folder.")
+        if averaged.kind != "classifier":
+            raise TfBusError(f"{run_dir}: holds a `tf-bus train-{averaged.kind} {averaged.flag}` {averaged.what}, "
+                             "not a train-classifier one; evaluate it with `tf-bus evaluate-segmenter`.")
+        record, model = averaged.record, averaged.model
+        if averaged.summary is not None:  # every case of a cross-validation's data trained some of its folds
+            refuse_own_data(run_dir, record, data)
         path = run_dir
     else:
         _, record = read_run_record(run_dir, expected="classifier")

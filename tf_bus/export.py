@@ -44,7 +44,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -90,11 +90,6 @@ def _averaging_record(run_dir) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def is_cross_validation(run_dir: str | os.PathLike) -> bool:
-    """Whether RUN_DIR is a ``train-segmenter|train-classifier --folds K`` folder."""
-    return "folds" in _averaging_record(run_dir)
-
-
 def fold_ensemble(models: list[keras.Model], name: str = "fold_ensemble") -> keras.Model:
     """One functional model whose output is the mean of ``models``' outputs (float32): the
     K fold models of a cross-validation as one predictor. The models are renamed
@@ -119,64 +114,65 @@ def fold_ensemble(models: list[keras.Model], name: str = "fold_ensemble") -> ker
     return keras.Model(inputs, averaged, name=name)
 
 
-def read_cross_validation(cv_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model, dict[str, Any]]:
-    """(kind, config.json record, ``fold_ensemble`` of every fold's best model,
-    cross_validation.json) of a finished ``--folds K`` folder.
+class AveragedRun(NamedTuple):
+    """A ``--folds K`` or ``--ensemble K`` folder read for prediction (``read_averaged``)."""
+
+    kind: str  # segmenter or classifier
+    record: dict[str, Any]  # its config.json
+    model: keras.Model  # the folds' or members' best models averaged (``fold_ensemble``)
+    summary: dict[str, Any] | None  # a --folds folder's cross_validation.json; None for --ensemble
+    flag: str  # --folds or --ensemble
+    what: str  # cross-validation or ensemble
+    part: str  # fold or member
+
+
+def _averaging_folder(folder: Path, record: dict[str, Any], key: str, what: str) -> tuple[str, int, str]:
+    """(kind, K, how to finish it) of a ``--folds K`` (``key`` folds) or ``--ensemble K``
+    folder's config.json ``record``, refusing a record that is not one."""
+    kind, count = record.get("kind"), record.get(key)
+    if kind not in ("segmenter", "classifier") or not isinstance(count, int) or count < 1:
+        raise TfBusError(f"{folder / 'config.json'}: kind {kind!r} and {key} {count!r} are not {what}'s; "
+                         f"is this a `tf-bus train-segmenter|train-classifier --{key} K` folder?")
+    return kind, count, f"run the same `tf-bus train-{kind} --{key} {count}` command again to finish it"
+
+
+def read_averaged(run_dir: str | os.PathLike) -> AveragedRun | None:
+    """A ``--folds K`` or ``--ensemble K`` folder's models averaged, ``None`` for any other
+    folder (one run).
 
     Raises:
-        TfBusError: the cross-validation has not finished, or a fold's model is missing.
+        TfBusError: the cross-validation or ensemble has not finished, or a model is missing.
     """
-    cv_dir = Path(cv_dir)
-    record = json.loads((cv_dir / "config.json").read_text())
-    kind, folds = record.get("kind"), record.get("folds")
-    if kind not in ("segmenter", "classifier") or not isinstance(folds, int) or folds < 1:
-        raise TfBusError(f"{cv_dir / 'config.json'}: kind {kind!r} and folds {folds!r} are not a cross-validation's; "
-                         "is this a `tf-bus train-segmenter|train-classifier --folds K` folder?")
-    again = f"run the same `tf-bus train-{kind} --folds {folds}` command again to finish it"
-    summary_file = cv_dir / "cross_validation.json"
-    if not summary_file.is_file():
-        raise TfBusError(f"{cv_dir}: the cross-validation has not finished (no cross_validation.json); {again}.")
-    summary = json.loads(summary_file.read_text())
-    import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
-
-    models = []
-    for k in range(folds):
-        path = cv_dir / f"fold_{k}" / "best.keras"
-        if not path.is_file():
-            raise TfBusError(f"{path}: missing, so the fold ensemble would lack fold {k}; {again}.")
-        models.append(keras.saving.load_model(path, compile=False))
-    return kind, record, fold_ensemble(models), summary
-
-
-def is_ensemble(run_dir: str | os.PathLike) -> bool:
-    """Whether RUN_DIR is a ``train-segmenter|train-classifier --ensemble K`` folder."""
-    return "ensemble" in _averaging_record(run_dir)
-
-
-def read_ensemble(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any], keras.Model]:
-    """(kind, config.json record, ``fold_ensemble`` of every member's best model) of a
-    finished ``--ensemble K`` folder.
-
-    Raises:
-        TfBusError: the ensemble has not finished, or a member's model is missing.
-    """
-    run_dir = Path(run_dir)
-    record = json.loads((run_dir / "config.json").read_text())
-    kind, members = record.get("kind"), record.get("ensemble")
-    if kind not in ("segmenter", "classifier") or not isinstance(members, int) or members < 1:
-        raise TfBusError(f"{run_dir / 'config.json'}: kind {kind!r} and ensemble {members!r} are not an ensemble's; "
-                         "is this a `tf-bus train-segmenter|train-classifier --ensemble K` folder?")
-    again = f"run the same `tf-bus train-{kind} --ensemble {members}` command again to finish it"
     import tf_bus.models  # noqa: F401  (registers the custom Keras objects)
     from tf_bus.training.common import run_finished
 
-    models = []
-    for k in range(members):
-        path = run_dir / f"member_{k}" / "best.keras"
-        if not path.is_file() or not run_finished(path.parent):
-            raise TfBusError(f"{path.parent}: unfinished or missing, so the ensemble would lack member {k}; {again}.")
-        models.append(keras.saving.load_model(path, compile=False))
-    return kind, record, fold_ensemble(models, name="seed_ensemble")
+    run_dir = Path(run_dir)
+    record = _averaging_record(run_dir)
+    if "folds" in record:
+        kind, folds, again = _averaging_folder(run_dir, record, "folds", "a cross-validation")
+        summary_file = run_dir / "cross_validation.json"
+        if not summary_file.is_file():
+            raise TfBusError(f"{run_dir}: the cross-validation has not finished (no cross_validation.json); {again}.")
+        models = []
+        for k in range(folds):
+            path = run_dir / f"fold_{k}" / "best.keras"
+            if not path.is_file():
+                raise TfBusError(f"{path}: missing, so the fold ensemble would lack fold {k}; {again}.")
+            models.append(keras.saving.load_model(path, compile=False))
+        return AveragedRun(kind, record, fold_ensemble(models), json.loads(summary_file.read_text()),
+                           "--folds", "cross-validation", "fold")
+    if "ensemble" in record:
+        kind, members, again = _averaging_folder(run_dir, record, "ensemble", "an ensemble")
+        models = []
+        for k in range(members):
+            path = run_dir / f"member_{k}" / "best.keras"
+            if not path.is_file() or not run_finished(path.parent):
+                raise TfBusError(f"{path.parent}: unfinished or missing, so the ensemble would lack member {k}; "
+                                 f"{again}.")
+            models.append(keras.saving.load_model(path, compile=False))
+        return AveragedRun(kind, record, fold_ensemble(models, name="seed_ensemble"), None,
+                           "--ensemble", "ensemble", "member")
+    return None
 
 
 def fold_mask_settings(summary: dict[str, Any], threshold: float | None,
@@ -196,15 +192,13 @@ def fold_mask_settings(summary: dict[str, Any], threshold: float | None,
 def read_for_serving(run_dir: str | os.PathLike, threshold: float | None = None,
                      postprocess: str | None = None) -> tuple[str, keras.Model, float | None, str | None, int | None]:
     """(kind, model, threshold, post-processing, folds) that `tf-bus export` serves for a run
-    folder or a ``--folds K`` folder (``folds`` is None for a single run)."""
-    summary = folds = None
-    if is_cross_validation(run_dir):
-        kind, record, model, summary = read_cross_validation(run_dir)
-        folds = record["folds"]
-    elif is_ensemble(run_dir):  # the members' threshold chosen on validation at the end of training
-        kind, record, model = read_ensemble(run_dir)
+    folder, a ``--folds K`` or an ``--ensemble K`` folder (``folds`` is None but for ``--folds``)."""
+    averaged = read_averaged(run_dir)
+    if averaged:  # an ensemble's threshold.json holds the choice made at the end of its training
+        kind, record, model, summary = averaged[:4]
     else:
-        kind, record, model = read_run(run_dir)
+        (kind, record, model), summary = read_run(run_dir), None
+    folds = record.get("folds") if averaged else None
     if kind == "segmenter":
         threshold, postprocess = mask_settings(run_dir, record, summary, threshold, postprocess)
     return kind, model, threshold, postprocess, folds
