@@ -13,7 +13,9 @@ the files every epoch, which is what the loader replaces.
 
 ``--copy-paste P`` also times the cached epochs with the U-Net's copy-paste augmentation
 on the batches (``tf_bus.training.segmentation.copy_paste``), alternating with the
-loader without it, and reports the ratio.
+loader without it, and reports the ratio. ``--intensity`` does the same for nnU-Net's
+intensity augmentations (``--gamma 0.5 --noise 0.05 --blur 1.0`` on top of the default
+ranges; implies ``--augment``).
 """
 
 from __future__ import annotations
@@ -50,13 +52,18 @@ def pil_loop(cases, size: int) -> int:
     return n
 
 
+#: nnU-Net's intensity ranges, as `--intensity` adds them (README, "Intensity augmentation").
+INTENSITY = dict(gamma=0.5, noise=0.05, blur=1.0)
+
+
 def loader_epochs(data, size: int, batch: int, epochs: int, augment: bool,
-                  copy_paste: float = 0.0) -> list[tuple[int, float]]:
-    from tf_bus.config import LoaderConfig
+                  copy_paste: float = 0.0, intensity: bool = False) -> list[tuple[int, float]]:
+    from tf_bus.config import AugmentConfig, LoaderConfig
     from tf_bus.data.pipeline import segmentation_dataset
     from tf_bus.training.segmentation import copy_paste as paste
 
-    cfg = LoaderConfig(image_size=(size, size), batch_size=batch, shuffle=augment, augment=augment)
+    cfg = LoaderConfig(image_size=(size, size), batch_size=batch, shuffle=augment, augment=augment,
+                       augmentation=AugmentConfig(**INTENSITY) if intensity else AugmentConfig())
     ds = segmentation_dataset(data, "all", cfg)
     if copy_paste:
         ds = paste(ds, copy_paste, seed=1)
@@ -77,7 +84,11 @@ def main() -> None:
     ap.add_argument("--augment", action="store_true", help="loader also shuffles and augments (training mode)")
     ap.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
                     help="also time the cached epochs with copy-paste at probability P on the batches (default: 0, off)")
+    ap.add_argument("--intensity", action="store_true",
+                    help="also time the cached epochs with --gamma 0.5 --noise 0.05 --blur 1.0 added to the "
+                         "augmentation (implies --augment)")
     args = ap.parse_args()
+    args.augment = args.augment or args.intensity
 
     from tf_bus.tflog import import_tensorflow
 
@@ -86,15 +97,18 @@ def main() -> None:
     from tf_bus.data.busi import scan_release
 
     cases = scan_release(args.data).cases
-    base, cold, cached, pasted = [], [], [], []
+    base, cold, cached, pasted, intense = [], [], [], [], []
+    extra = (("paste",) if args.copy_paste else ()) + (("intensity",) if args.intensity else ())
     for r in range(args.repeats):
         order = ("loader", "pil") if r % 2 == 0 else ("pil", "loader")
-        if args.copy_paste:
-            order = (*order, "paste") if r % 2 == 0 else ("paste", *order)
+        order = (*order, *extra) if r % 2 == 0 else (*extra, *order)
         for which in order:
             if which == "paste":
                 epochs = loader_epochs(args.data, args.size, args.batch, 3, args.augment, args.copy_paste)
                 pasted.append(statistics.median(n / s for n, s in epochs[1:]))
+            elif which == "intensity":
+                epochs = loader_epochs(args.data, args.size, args.batch, 3, args.augment, intensity=True)
+                intense.append(statistics.median(n / s for n, s in epochs[1:]))
             elif which == "pil":
                 t = time.perf_counter()
                 n = pil_loop(cases, args.size)
@@ -104,11 +118,15 @@ def main() -> None:
                 cold.append(epochs[0][0] / epochs[0][1])
                 cached.append(statistics.median(n / s for n, s in epochs[1:]))
     med = statistics.median
-    paste = {} if not args.copy_paste else {
+    extras = {} if not args.copy_paste else {
         "copy_paste": args.copy_paste,
         "loader_cached_epoch_copy_paste_images_per_s": round(med(pasted), 1),
         "copy_paste_over_cached": round(med(pasted) / med(cached), 2),
     }
+    if args.intensity:
+        extras |= {"intensity": INTENSITY,
+                  "loader_cached_epoch_intensity_images_per_s": round(med(intense), 1),
+                  "intensity_over_cached": round(med(intense) / med(cached), 2)}
     print(json.dumps({
         "benchmark": "loader_throughput",
         "data": str(Path(args.data).resolve()),
@@ -124,9 +142,10 @@ def main() -> None:
         "loader_cached_epoch_images_per_s": round(med(cached), 1),
         "speedup_cold": round(med(cold) / med(base), 2),
         "speedup_cached": round(med(cached) / med(base), 2),
-        **paste,
+        **extras,
         "all_runs": {"baseline": [round(v, 1) for v in base], "cold": [round(v, 1) for v in cold],
-                     "cached": [round(v, 1) for v in cached], "copy_paste": [round(v, 1) for v in pasted]},
+                     "cached": [round(v, 1) for v in cached], "copy_paste": [round(v, 1) for v in pasted],
+                     "intensity": [round(v, 1) for v in intense]},
     }, indent=2))
 
 

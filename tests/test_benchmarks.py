@@ -25,9 +25,9 @@ def run_benchmark(script: str, *args: str, timeout: int = 300) -> dict:
     return json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("copy_paste", [None, "0.5"])
-def test_loader_benchmark_prints_json(synthetic_release, copy_paste):
-    flags = ["--copy-paste", copy_paste] if copy_paste else []
+@pytest.mark.parametrize("copy_paste,intensity", [(None, False), ("0.5", True)])
+def test_loader_benchmark_prints_json(synthetic_release, copy_paste, intensity):
+    flags = (["--copy-paste", copy_paste] if copy_paste else []) + (["--intensity"] if intensity else [])
     out = run_benchmark("loader_throughput.py", "--data", str(synthetic_release), "--size", "64", "--repeats", "1",
                         "--augment", *flags)
     assert out["images"] == 36
@@ -41,6 +41,12 @@ def test_loader_benchmark_prints_json(synthetic_release, copy_paste):
         assert abs(out["copy_paste_over_cached"] - ratio) <= 0.01 * ratio + 0.01
     else:
         assert "copy_paste" not in out and out["all_runs"]["copy_paste"] == []
+    if intensity:
+        assert out["intensity"] == {"gamma": 0.5, "noise": 0.05, "blur": 1.0} and len(out["all_runs"]["intensity"]) == 1
+        ratio = out["loader_cached_epoch_intensity_images_per_s"] / out["loader_cached_epoch_images_per_s"]
+        assert abs(out["intensity_over_cached"] - ratio) <= 0.01 * ratio + 0.01
+    else:
+        assert "intensity" not in out and out["all_runs"]["intensity"] == []
 
 
 def test_segmenter_training_benchmark_prints_json_with_onednn_off_and_on():

@@ -39,6 +39,18 @@ def test_help_explains_every_flag(sub, capsys):
             assert action.option_strings[0] in text
 
 
+@pytest.mark.parametrize("sub", ["train-segmenter", "train-classifier"])
+def test_augmentation_flags_reach_the_config(sub):
+    from tf_bus.cli import _training_kwargs
+
+    args = build_parser().parse_args([sub, "--data", "d", "--out", "r", "--rotation-deg", "12", "--contrast", "0.3",
+                                      "--gamma", "0.5", "--noise", "0.05", "--blur", "1.5"])
+    aug = _training_kwargs(args)["augmentation"]
+    assert (aug.rotation_deg, aug.contrast, aug.gamma, aug.noise, aug.blur) == (12.0, 0.3, 0.5, 0.05, 1.5)
+    default = _training_kwargs(build_parser().parse_args([sub, "--data", "d", "--out", "r"]))["augmentation"]
+    assert (default.gamma, default.noise, default.blur) == (0.0, 0.0, 0.0)  # off unless asked for
+
+
 def test_console_script_installed():
     exe = Path(sys.executable).with_name("tf-bus")
     r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -151,6 +153,50 @@ def test_training_stream_is_augmented_and_varies_by_epoch(prepared):
 NO_CHANGE = AugmentConfig(horizontal_flip=False, rotation_deg=0, zoom=0, translate=0, brightness=0, contrast=0)
 
 
+def _ramp(size=48):
+    """A grey ramp with a bright square: every grey level from 0 to 1 and an edge."""
+    image = np.tile(np.linspace(0.0, 1.0, size, dtype=np.float32), (size, 1))[..., None]
+    image[12:30, 12:30] = 1.0
+    return image
+
+
+@pytest.mark.parametrize("field,value", [("gamma", 0.5), ("noise", 0.1), ("blur", 1.5)])
+def test_intensity_augmentation_changes_the_image_only(field, value):
+    image, mask = _ramp(), (_ramp() > 0.99).astype(np.float32)
+    aug = dataclasses.replace(NO_CHANGE, **{field: value})
+    outs = [augment_pair(tf.constant(image), tf.constant(mask), tf.constant([k, 3]), aug) for k in range(6)]
+    changed = 0
+    for out_image, out_mask in outs:
+        np.testing.assert_array_equal(out_mask.numpy(), mask)  # geometry untouched: the mask is the same
+        x = out_image.numpy()
+        assert x.shape == image.shape and x.min() >= 0.0 and x.max() <= 1.0
+        changed += not np.allclose(x, image, atol=1e-3)
+    assert changed >= 4, "each image draws its own strength (from 0 up, so a few barely change)"
+    again = augment_pair(tf.constant(image), tf.constant(mask), tf.constant([2, 3]), aug)[0]
+    np.testing.assert_array_equal(again.numpy(), outs[2][0].numpy())  # the seed decides
+
+
+def test_gamma_keeps_the_order_of_grey_levels_and_the_ends():
+    image = _ramp()
+    for k in range(4):
+        x = augment_pair(tf.constant(image), None, tf.constant([k, 9]), dataclasses.replace(NO_CHANGE, gamma=1.0))[0]
+        row = x.numpy()[40, :, 0]
+        assert np.all(np.diff(row) >= 0) and row[0] == 0.0 and abs(row[-1] - 1.0) < 1e-6
+        g = np.log(row[24]) / np.log(image[40, 24, 0])  # the exponent drawn
+        assert 0.5 - 1e-4 <= g <= 2.0 + 1e-4, g
+
+
+def test_blur_spreads_an_edge_and_keeps_the_mean():
+    image = np.zeros((32, 32, 1), np.float32)
+    image[:, 16:] = 1.0
+    x = augment_pair(tf.constant(image), None, tf.constant([1, 1]), dataclasses.replace(NO_CHANGE, blur=3.0))[0].numpy()
+    assert abs(x.mean() - image.mean()) < 1e-3  # a normalised kernel with mirrored borders
+    assert 0.0 < x[10, 15, 0] < 0.5 < x[10, 16, 0] < 1.0  # the edge is now a ramp
+    np.testing.assert_allclose(x[:, :8], 0.0, atol=1e-3)  # far from it, nothing moves
+    tiny = augment_pair(tf.zeros((4, 4, 1)), None, tf.constant([1, 1]), dataclasses.replace(NO_CHANGE, blur=7.0))[0]
+    assert tiny.shape == (4, 4, 1)  # a kernel wider than the image is cut to fit
+
+
 @pytest.mark.parametrize("trainer", ["segmentation", "classification"])
 def test_the_trainers_augmentation_ranges_reach_the_loader(trainer, prepared):
     import importlib
@@ -263,6 +309,9 @@ def test_bad_loader_config(kwargs):
     (dict(translate=0.5), r"`translate` .* \[0, 0.5\)"),
     (dict(brightness=2), r"`brightness` .* Received: brightness=2.0"),
     (dict(contrast=1.5), r"`contrast` .* Received: contrast=1.5"),
+    (dict(gamma=-0.1), r"`gamma` \(flag --gamma\) must be within \[0, 4\)"),
+    (dict(noise=1.0), r"`noise` .* Received: noise=1.0"),
+    (dict(blur=8), r"`blur` \(flag --blur\) must be within \[0, 8\)"),
 ])
 def test_bad_augmentation_ranges(kwargs, message):
     with pytest.raises(ConfigError, match=message):

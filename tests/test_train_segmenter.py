@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -244,6 +245,16 @@ def test_fields_added_later_read_as_what_older_runs_did(cls, name, before):
     assert cls.from_dict(saved) == cls(), "a round trip keeps today's values"
     del saved[name]
     assert getattr(cls.from_dict(saved), name) == before
+
+
+@pytest.mark.parametrize("cls", [SegmenterConfig, ClassifierConfig])
+def test_augmentation_saved_before_the_intensity_ranges_reads_them_as_off(cls):
+    saved = cls(augmentation=dataclasses.replace(cls().augmentation, gamma=0.5, noise=0.05, blur=1.0)).to_dict()
+    for name in ("gamma", "noise", "blur"):
+        del saved["augmentation"][name]
+    aug = cls.from_dict(saved).augmentation
+    assert (aug.gamma, aug.noise, aug.blur) == (0.0, 0.0, 0.0)  # those runs had none
+    assert aug.rotation_deg == cls().augmentation.rotation_deg  # the rest as saved
 
 
 @pytest.mark.parametrize("cls", [SegmenterConfig, ClassifierConfig])

@@ -371,6 +371,15 @@ def _add_training_flags(p, d, monitored: str) -> None:
                    help=f"augmentation: largest brightness change, on the [0, 1] pixel scale (default: {a.brightness:g})")
     p.add_argument("--contrast", type=float, default=a.contrast,
                    help=f"augmentation: largest relative contrast change (0.25: 75%%..125%%) (default: {a.contrast:g})")
+    p.add_argument("--gamma", type=float, default=a.gamma,
+                   help="augmentation: largest gamma change, image**g with g within 1/(1+GAMMA)..1+GAMMA "
+                        f"(0.5: 0.67..1.5, nnU-Net's range); 0 is off (default: {a.gamma:g})")
+    p.add_argument("--noise", type=float, default=a.noise,
+                   help="augmentation: largest standard deviation of Gaussian noise on the [0, 1] pixel scale, "
+                        f"each image drawing its own from 0 up; 0 is off (default: {a.noise:g})")
+    p.add_argument("--blur", type=float, default=a.blur, metavar="SIGMA",
+                   help="augmentation: largest Gaussian blur sigma in pixels of the resized image, each image "
+                        f"drawing its own from 0 up; 0 is off (default: {a.blur:g})")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help=PRECISION_HELP)
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
@@ -420,7 +429,8 @@ def _training_kwargs(args) -> dict:
     return dict(batch_size=args.batch_size, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                 weight_decay=args.weight_decay, ema=args.ema, augment=not args.no_augment,
                 augmentation=AugmentConfig(rotation_deg=args.rotation_deg, zoom=args.zoom, translate=args.translate,
-                                           brightness=args.brightness, contrast=args.contrast),
+                                           brightness=args.brightness, contrast=args.contrast,
+                                           gamma=args.gamma, noise=args.noise, blur=args.blur),
                 precision=args.precision,
                 early_stopping_patience=args.patience, time_budget_minutes=args.time_budget, seed=args.seed,
                 deterministic=args.deterministic, profile_batches=args.profile_batches,

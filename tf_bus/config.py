@@ -284,6 +284,14 @@ class AugmentConfig:
         translate: maximum shift as a fraction of the side.
         brightness: maximum additive brightness change, on the [0, 1] scale.
         contrast: maximum relative contrast change (0.1 = 0.9..1.1).
+        gamma: largest gamma change: each image becomes ``image ** g`` with ``log g`` drawn
+            uniformly within ``±log(1 + gamma)`` (0.5: g in 0.67..1.5, about nnU-Net's range).
+        noise: largest standard deviation of additive Gaussian noise, on the [0, 1] scale;
+            each image draws its own within [0, noise].
+        blur: largest Gaussian blur sigma, in pixels of the resized image; each image draws
+            its own within [0, blur].
+        The last three act on the image only (they are nnU-Net's intensity augmentations)
+        and are off by default.
     """
 
     horizontal_flip: bool = True
@@ -293,9 +301,13 @@ class AugmentConfig:
     translate: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.1
+    gamma: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
 
     def __post_init__(self) -> None:
-        limits = {"rotation_deg": 180.0, "zoom": 1.0, "translate": 0.5, "brightness": 1.0, "contrast": 1.0}
+        limits = {"rotation_deg": 180.0, "zoom": 1.0, "translate": 0.5, "brightness": 1.0, "contrast": 1.0,
+                  "gamma": 4.0, "noise": 1.0, "blur": 8.0}
         for name, high in limits.items():
             value = float(getattr(self, name))
             if not 0.0 <= value < high:
@@ -457,7 +469,7 @@ class SegmenterConfig(_TrainingConfig):
             0 disables.
         augment: paired augmentation of the training split.
         augmentation: its ranges (``AugmentConfig``: flips, rotation, zoom, shift,
-            brightness, contrast).
+            brightness, contrast; gamma, noise and blur, off by default).
         copy_paste: the probability that a training image receives another image's
             lesion (flipped, shifted, blended in; its mask joins the image's own), after the
             augmentation above (``tf_bus.training.segmentation.copy_paste``); 0 disables.

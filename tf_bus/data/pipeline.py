@@ -278,8 +278,8 @@ def augment_pair(
 
     Returns:
         ``(image, mask)``: the same geometry applied to both (bilinear for the image,
-        nearest for the mask, so the mask stays binary); brightness and contrast on
-        the image only.
+        nearest for the mask, so the mask stays binary); brightness, contrast, blur,
+        noise and gamma on the image only.
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
     shape = tf.shape(image)
@@ -304,7 +304,43 @@ def augment_pair(
         mean = tf.reduce_mean(image)
         image = (image - mean) * (1.0 + u[0] * aug.contrast) + mean + u[1] * aug.brightness
         image = tf.clip_by_value(image, 0.0, 1.0)
+    if aug.gamma or aug.noise or aug.blur:
+        image = _intensity(image, seeds[4], aug)
     return image, mask
+
+
+def _intensity(image: tf.Tensor, seed: tf.Tensor, aug: AugmentConfig) -> tf.Tensor:
+    """nnU-Net's intensity augmentations on a [0, 1] image: blur, noise, gamma (each at
+    a strength drawn per image from zero to its range's end)."""
+    u = tf.random.stateless_uniform([3], seed=seed)
+    if aug.blur:
+        sides = [d for d in image.shape[:2] if d is not None]
+        radius = min([math.ceil(3.0 * aug.blur)] + [d - 1 for d in sides])  # REFLECT pads less than a side
+        image = _gaussian_blur(image, u[0] * aug.blur, radius=radius)
+    if aug.noise:
+        noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        image = image + tf.random.stateless_normal(tf.shape(image), seed=noise_seed) * (u[1] * aug.noise)
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    if aug.gamma:
+        log_range = math.log1p(aug.gamma)
+        g = tf.exp((2.0 * u[2] - 1.0) * log_range)
+        image = tf.pow(tf.maximum(image, 0.0), g)
+    return image
+
+
+def _gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur of an (H, W, C) image; ``sigma`` (pixels) may be a tensor,
+    ``radius`` (the kernel's half-width) is static. Sigma near 0 leaves the image as is."""
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x / tf.maximum(sigma, 1e-3)))
+    kernel = kernel / tf.reduce_sum(kernel)
+    channels = tf.shape(image)[-1]
+    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    out = tf.nn.depthwise_conv2d(padded, rows, strides=[1, 1, 1, 1], padding="VALID")
+    out = tf.nn.depthwise_conv2d(out, cols, strides=[1, 1, 1, 1], padding="VALID")
+    return out[0]
 
 
 # ----------------------------------------------------------------------------- datasets
